@@ -1,0 +1,327 @@
+"""``load()``: a model, its tokenizer and processor, from a hub id, a directory or an organism.
+
+Real checkpoints go through ``from_pretrained`` exactly as users already load
+them; organisms are saved in the same HF format and take the same path. Every
+problem that can be seen before loading (unknown name, missing directory,
+missing or corrupt weights, wrong model type, unavailable dtype or device, not
+enough memory) is reported before any weight is read, with the value and what
+would be valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+from . import configs, organisms
+
+__all__ = ["load", "resolve", "ModelSource"]
+
+SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+}
+
+
+class ModelSource:
+    """Where a model comes from: ``kind`` is ``"organism"``, ``"local"`` or ``"hub"``."""
+
+    def __init__(self, kind: str, location: str, name: str, spec: configs.ModelSpec | None = None):
+        self.kind, self.location, self.name, self.spec = kind, location, name, spec
+
+    def __repr__(self) -> str:
+        return f"ModelSource({self.kind!r}, {self.location!r})"
+
+
+def resolve(name_or_path: str | os.PathLike) -> ModelSource:
+    """Decide what ``name_or_path`` names, or raise a clear error."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"load() takes a model name or path as a string, got {type(name_or_path).__name__}")
+    text = os.fspath(name_or_path)
+    if not text.strip():
+        raise ValueError("load() needs a model name or path; got an empty string")
+    if text in organisms.available():
+        path = organisms.organisms_dir() / text
+        return ModelSource("organism", str(path), text)
+    path = Path(text).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{text!r} is a file; load() takes a checkpoint directory (with config.json and *.safetensors)")
+        spec = configs.resolve_known(path.name)
+        return ModelSource("local", str(path.resolve()), path.name, spec)
+    looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1] or text.count("/") > 1
+    if looks_like_path:
+        raise FileNotFoundError(f"no directory {text!r}; pass an existing checkpoint directory, a hub id such as "
+                                f"'Qwen/Qwen3.5-0.8B', or an organism name ({', '.join(organisms.available()) or 'none built'})")
+    spec = configs.resolve_known(text)
+    if spec is not None:
+        return ModelSource("hub", spec.hub_id, spec.name, spec)
+    if "/" in text:  # some other hub repository, e.g. a fine-tune of Qwen3.5
+        return ModelSource("hub", text, text.split("/")[-1])
+    choices = organisms.available() + list(configs.KNOWN_MODELS)
+    close = difflib.get_close_matches(text, choices, n=3, cutoff=0.4)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise ValueError(
+        f"unknown model {text!r}.{hint} Valid: an organism ({', '.join(organisms.available()) or 'none built'}), "
+        f"a known model ({', '.join(configs.KNOWN_MODELS)}), a hub id 'org/name', or a local directory."
+    )
+
+
+def _check_local_checkpoint(path: Path) -> dict:
+    """Validate a checkpoint directory without loading it; return its config dict."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{str(path)!r} has no config.json; a checkpoint directory holds config.json and "
+                                "model*.safetensors (as written by save_pretrained or `huggingface-cli download`)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{str(config_file)!r} is not valid JSON: {e}") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{str(path)!r} holds a model of type {model_type!r}; qwen35_lab loads "
+                         f"model_type {' or '.join(map(repr, SUPPORTED_MODEL_TYPES))} (Qwen3.5 / Qwen3.6)")
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        raise FileNotFoundError(f"{str(path)!r} has a config.json but no *.safetensors weights; "
+                                "download the weights into it or point load() at the full checkpoint")
+    for f in weights:
+        check_safetensors(f)
+    return config
+
+
+def check_safetensors(file: Path) -> int:
+    """Check a safetensors file's header and size; return its number of parameters.
+
+    A truncated or corrupt file raises ``ValueError`` naming the file, before
+    anything is loaded.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"corrupt safetensors file {str(file)!r}: {size} bytes, too short for a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > 100_000_000:
+            raise ValueError(f"corrupt safetensors file {str(file)!r}: header of {n} bytes in a file of {size} bytes")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"corrupt safetensors file {str(file)!r}: its header is not valid JSON") from None
+    end = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if end != size:
+        raise ValueError(f"corrupt or truncated safetensors file {str(file)!r}: the header describes {end} bytes, "
+                         f"the file has {size}; download it again")
+    count = 0
+    for k, t in header.items():
+        if k != "__metadata__":
+            numel = 1
+            for d in t["shape"]:
+                numel *= d
+            count += numel
+    return count
+
+
+def _resolve_dtype(dtype, device: str):
+    if dtype == "auto":
+        return "auto"
+    if isinstance(dtype, torch.dtype):
+        if dtype not in set(_DTYPES.values()):
+            raise ValueError(f"dtype {dtype} is not supported; valid: bfloat16, float16, float32 or 'auto'")
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: 'auto', {', '.join(map(repr, _DTYPES))} or a torch.dtype")
+    return _DTYPES[dtype]
+
+
+def _resolve_device(device) -> str:
+    valid = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"device must be a string such as {valid}, got {device!r}")
+    if device == "auto":
+        return "auto"
+    try:
+        d = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; valid: {valid}") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} is not available: no CUDA GPU is visible here; use 'cpu' or 'auto'")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r} is not available: {torch.cuda.device_count()} GPU(s) visible")
+    elif d.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r} is not available here; use 'cpu' or 'auto'")
+    elif d.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unsupported device {device!r}; valid: {valid}")
+    return str(d)
+
+
+def free_memory_bytes(device: str) -> int:
+    """Free memory where the weights would go: all visible GPUs for 'auto'/'cuda', else RAM."""
+    import psutil
+
+    if device != "cpu" and torch.cuda.is_available():
+        if device == "auto":
+            return sum(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    return psutil.virtual_memory().available
+
+
+def _fmt_gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def load(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str = "auto",
+    text_only: bool = False,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
+    check_memory: bool = True,
+    rope: dict | None = None,
+    attn_implementation: str | None = None,
+):
+    """Load a Qwen3.5 / Qwen3.6 model and return a :class:`~qwen35_lab.Lab`.
+
+    Args:
+        name_or_path: an organism (``"tiny"``), a known model (``"Qwen3.5-0.8B"``),
+            a hub id (``"Qwen/Qwen3.5-9B"``) or a local checkpoint directory.
+        dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+        device: ``"auto"`` spreads the model over the visible GPUs with accelerate's
+            ``device_map="auto"`` and offloads to CPU / disk what does not fit
+            (CPU only when there is no GPU); or ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
+        text_only: load the language model alone (``Qwen3_5ForCausalLM``, vision
+            weights skipped), like the cards' ``--language-model-only``.
+        max_memory, offload_folder: passed to accelerate (e.g. ``{"cpu": "2GB"}``)
+            to cap what goes where; the rest is offloaded to ``offload_folder``.
+        check_memory: refuse, with the numbers, a known model that will not fit.
+        rope: a ``rope_parameters`` dict (e.g. from ``yarn_for_context``) applied
+            to ``text_config`` before loading.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    from .lab import Lab
+    from .tokenizer import get_tokenizer
+
+    source = resolve(name_or_path)
+    torch_dtype = _resolve_dtype(dtype, device)
+    device = _resolve_device(device)
+    if not isinstance(text_only, bool):
+        raise TypeError(f"text_only must be True or False, got {text_only!r}")
+
+    meta: dict = {}
+    n_params = None
+    if source.kind in ("organism", "local"):
+        path = Path(source.location)
+        raw = _check_local_checkpoint(path)
+        n_params = sum(check_safetensors(f) for f in sorted(path.glob("*.safetensors")))
+        if (path / "qwen35_lab.json").is_file():
+            meta = json.loads((path / "qwen35_lab.json").read_text())
+        if raw.get("model_type") == "qwen3_5_text":
+            text_only = True
+    location = source.location
+
+    # Memory check before reading any weights.
+    if check_memory and max_memory is None:
+        itemsize = (torch_dtype if torch_dtype != "auto" else torch.bfloat16).itemsize
+        if source.spec is not None:
+            need = configs.estimate_weight_bytes(source.spec.name, torch_dtype if torch_dtype != "auto" else torch.bfloat16, text_only)
+        elif n_params is not None:
+            need = n_params * itemsize
+        else:
+            need = 0
+        have = free_memory_bytes(device)
+        offload_ok = device == "auto" and offload_folder is not None
+        if need and need > 0.9 * have and not offload_ok:
+            where = "RAM" if device == "cpu" or not torch.cuda.is_available() else "GPU memory"
+            raise MemoryError(
+                f"{source.name} needs about {_fmt_gb(need)} for its weights"
+                f"{' (text only)' if text_only else ''} but only {_fmt_gb(have)} of {where} is free. "
+                f"Try text_only=True, dtype='bfloat16', device='auto' with offload_folder=..., "
+                f"or pass check_memory=False to try anyway."
+            )
+
+    kwargs: dict = {"dtype": torch_dtype}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if device == "auto":
+        if torch.cuda.is_available() or max_memory is not None or offload_folder is not None:
+            kwargs["device_map"] = "auto"
+            if max_memory is not None:
+                kwargs["max_memory"] = max_memory
+            if offload_folder is not None:
+                kwargs["offload_folder"] = str(offload_folder)
+    else:
+        kwargs["device_map"] = device if device != "cpu" else None
+
+    if rope is not None:
+        from transformers import AutoConfig
+
+        from .longctx import apply_rope_to_config
+
+        config = AutoConfig.from_pretrained(location)
+        apply_rope_to_config(config, rope)
+        kwargs["config"] = config.get_text_config() if text_only else config
+
+    cls = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
+    try:
+        model = cls.from_pretrained(location, **kwargs)
+    except OSError as e:
+        if source.kind != "hub":
+            raise
+        raise OSError(
+            f"could not load {location!r} from the Hugging Face hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"If this machine is offline, download the checkpoint where you have network access "
+            f"(`huggingface-cli download {location} --local-dir ./{location.split('/')[-1]}`), copy it here and call "
+            f"load('./{location.split('/')[-1]}'), or set HF_HOME to a cache that holds it."
+        ) from e
+    model.eval()
+
+    tokenizer, processor = _attach_tokenizer_and_processor(location, meta, source, text_only, get_tokenizer)
+    variant = meta.get("chat_template") or _template_variant(source, model.config)
+    return Lab(model=model, tokenizer=tokenizer, processor=processor, name=source.name,
+               source=source, chat_variant=variant, meta=meta)
+
+
+def _template_variant(source: ModelSource, config) -> str:
+    """The chat-template variant from the model's name, else from its config (size)."""
+    from .chat_format import template_for
+
+    try:
+        return template_for(source.name)
+    except ValueError:
+        return template_for(config)
+
+
+def _attach_tokenizer_and_processor(location, meta, source, text_only, get_tokenizer):
+    """The checkpoint's own tokenizer files when present, else the real tokenizer built here."""
+    from transformers import AutoImageProcessor, AutoTokenizer, AutoVideoProcessor, Qwen3VLProcessor
+
+    path = Path(location)
+    has_tokenizer_files = source.kind == "hub" or (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
+    if has_tokenizer_files and not meta.get("tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(location)
+    else:
+        tokenizer = get_tokenizer()
+    processor = None
+    if not text_only:
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(location)
+            video_processor = AutoVideoProcessor.from_pretrained(location)
+        except (OSError, ValueError):
+            image_processor = video_processor = None
+        if image_processor is not None:
+            processor = Qwen3VLProcessor(image_processor=image_processor, video_processor=video_processor,
+                                         tokenizer=tokenizer)
+    return tokenizer, processor

@@ -1,0 +1,40 @@
+"""Organisms: small Qwen3.5-architecture models shipped in ``data/organisms/``.
+
+``tiny`` is random-weight plumbing with the real vocabulary; trained organisms
+show real mechanisms. Build or train them with
+``python -m qwen35_lab.organisms build tiny``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BUILDERS = {"tiny": "qwen35_lab.organisms.tiny:build_tiny"}
+
+
+def organisms_dir() -> Path:
+    """Where organisms live: ``$QWEN35_LAB_ORGANISMS`` or the repository's ``data/organisms``."""
+    env = os.environ.get("QWEN35_LAB_ORGANISMS")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "data" / "organisms"
+
+
+def available() -> list[str]:
+    """Names of the organisms present on disk."""
+    root = organisms_dir()
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "config.json").is_file())
+
+
+def build(name: str, out_dir: str | Path | None = None) -> Path:
+    """Build organism ``name`` into ``out_dir`` (default: its place under ``data/organisms``)."""
+    import importlib
+
+    if name not in BUILDERS:
+        raise ValueError(f"unknown organism {name!r}; buildable organisms: {', '.join(BUILDERS)}")
+    module, func = BUILDERS[name].split(":")
+    out = Path(out_dir) if out_dir is not None else organisms_dir() / name
+    return getattr(importlib.import_module(module), func)(out)
