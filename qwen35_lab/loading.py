@@ -312,6 +312,11 @@ def _attach_tokenizer_and_processor(location, meta, source, text_only, get_token
     has_tokenizer_files = source.kind == "hub" or (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file()
     if has_tokenizer_files and not meta.get("tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(location)
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and type(backend.model).__name__ == "BPE" and tokenizer.vocab_size > 200_000:
+            # transformers rebuilds the Qwen3.5 BPE from vocab + merges and drops ignore_merges;
+            # without it the whole-word vocabulary entries unreachable by merges tokenize wrongly.
+            backend.model.ignore_merges = True
     else:
         tokenizer = get_tokenizer()
     processor = None
