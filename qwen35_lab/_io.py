@@ -50,3 +50,11 @@ def atomic_file(target: str | Path, mode: str = "wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def fmt_bytes(n: float) -> str:
+    """``1234567`` → ``"1.2 MB"`` (decimal units, as memory is quoted on model cards)."""
+    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{int(n)} B"

@@ -197,7 +197,8 @@ def load(
     Args:
         name_or_path: an organism (``"tiny"``), a known model (``"Qwen3.5-0.8B"``),
             a hub id (``"Qwen/Qwen3.5-9B"``) or a local checkpoint directory.
-        dtype: ``"auto"`` (the checkpoint's), ``"bfloat16"``, ``"float16"`` or ``"float32"``.
+        dtype: ``"auto"`` (the checkpoint's; float32 for organisms on a CPU), ``"bfloat16"``,
+            ``"float16"`` or ``"float32"``.
         device: ``"auto"`` spreads the model over the visible GPUs with accelerate's
             ``device_map="auto"`` and offloads to CPU / disk what does not fit
             (CPU only when there is no GPU); or ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
@@ -231,6 +232,10 @@ def load(
         if raw.get("model_type") == "qwen3_5_text":
             text_only = True
     location = source.location
+    on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    if torch_dtype == "auto" and source.kind == "organism" and on_cpu:
+        # Organisms are small; fp32 is exact and, on CPUs without bf16 matrix units, faster.
+        torch_dtype = torch.float32
 
     # Memory check before reading any weights.
     if check_memory and max_memory is None:

@@ -1,0 +1,381 @@
+"""The ``Lab``: one loaded model with its tokenizer, processor and chat template."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+
+from . import chat_format
+from . import instrument as _inst
+from ._io import fmt_bytes
+
+__all__ = ["Lab", "ChatResult", "Generation"]
+
+
+@dataclass
+class Generation:
+    """What ``Lab.generate`` returns: the new text and ids, and the trace when something was captured."""
+
+    text: str
+    ids: torch.Tensor  # [B, N] generated token ids
+    prompt_ids: torch.Tensor  # [B, T] prompt token ids
+    trace: "_inst.Trace | None" = None
+
+    def __getitem__(self, key):  # dict-style access, e.g. gen["text"]
+        return getattr(self, key)
+
+
+@dataclass
+class ChatResult:
+    """What ``Lab.chat`` returns: the model's reasoning, its answer and parsed tool calls."""
+
+    reasoning: str | None
+    answer: str
+    tool_calls: list[dict]
+    text: str  # the raw generated text, special tokens included
+    prompt: str
+    prompt_tokens: int
+    generated_tokens: int
+    finished: bool  # stopped on an end-of-turn token rather than max_new_tokens
+    extra: dict = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        r = (self.reasoning[:60] + "…") if self.reasoning and len(self.reasoning) > 60 else self.reasoning
+        a = (self.answer[:80] + "…") if len(self.answer) > 80 else self.answer
+        return (f"ChatResult(reasoning={r!r}, answer={a!r}, tool_calls={self.tool_calls!r}, "
+                f"tokens={self.prompt_tokens}+{self.generated_tokens}, finished={self.finished})")
+
+
+class Lab:
+    """A loaded model: ``.model``, ``.tokenizer``, ``.processor``, ``.config``.
+
+    Made by :func:`qwen35_lab.load`.
+    """
+
+    def __init__(self, *, model, tokenizer, processor, name, source=None, chat_variant="qwen3.5", meta=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.processor = processor
+        self.name = name
+        self.source = source
+        self.chat_variant = chat_variant
+        self.meta = meta or {}
+
+    # ---------------------------------------------------------------- basics
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def text_config(self):
+        return self.model.config.get_text_config()
+
+    @property
+    def device(self) -> torch.device:
+        """Where inputs go: the device of the input embeddings (CPU when they are offloaded)."""
+        d = self.model.get_input_embeddings().weight.device
+        return torch.device("cpu") if d.type == "meta" else d
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    @property
+    def layer_types(self) -> list[str]:
+        return list(self.text_config.layer_types)
+
+    @property
+    def is_multimodal(self) -> bool:
+        return hasattr(self.model, "model") and hasattr(self.model.model, "visual")
+
+    def __repr__(self) -> str:
+        c = self.text_config
+        n_lin = self.layer_types.count("linear_attention")
+        return (f"Lab({self.name!r}: {c.num_hidden_layers} layers ({n_lin} Gated DeltaNet, "
+                f"{c.num_hidden_layers - n_lin} gated attention), hidden {c.hidden_size}, "
+                f"{'multimodal' if self.is_multimodal else 'text only'}, {self.dtype}, {self.device}, "
+                f"template {self.chat_variant!r})")
+
+    # --------------------------------------------------------------- prompts
+    def render(self, messages, *, enable_thinking=None, add_generation_prompt=True, tools=None,
+               preserve_thinking=None, add_vision_id=False) -> str:
+        """The prompt text the chat template makes of ``messages``."""
+        chat_format.validate_messages(messages)
+        return chat_format.render(messages, variant=self.chat_variant, tools=tools,
+                                  add_generation_prompt=add_generation_prompt, enable_thinking=enable_thinking,
+                                  preserve_thinking=preserve_thinking, add_vision_id=add_vision_id)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Token ids ``[1, T]`` of a prompt text (special tokens parsed), on the model's device."""
+        ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        return ids.to(self.device)
+
+    def prepare(self, inputs, *, enable_thinking=None, tools=None, add_generation_prompt=True) -> dict:
+        """Model inputs (``input_ids``, ``attention_mask``, vision tensors) from a str, messages or ids."""
+        if isinstance(inputs, dict) and "input_ids" in inputs:
+            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+        if torch.is_tensor(inputs):
+            ids = inputs if inputs.dim() == 2 else inputs[None]
+            return {"input_ids": ids.to(self.device), "attention_mask": torch.ones_like(ids).to(self.device)}
+        if isinstance(inputs, str):
+            ids = self.encode(inputs)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if isinstance(inputs, list):
+            prompt = self.render(inputs, enable_thinking=enable_thinking, tools=tools,
+                                 add_generation_prompt=add_generation_prompt)
+            ids = self.encode(prompt)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        raise TypeError(f"inputs must be a prompt string, a list of chat messages, token ids or a dict of model "
+                        f"inputs; got {type(inputs).__name__}")
+
+    # ------------------------------------------------------------ generation
+    def generate(self, inputs, *, max_new_tokens: int = 64, seed: int | None = None, enable_thinking=None,
+                 tools=None, capture=None, edits=None, positions=None, heads=None, batch=None,
+                 capture_device="cpu", capture_dtype=None, chunk_size: int = 64, budget_bytes=None,
+                 **sampling) -> Generation:
+        """Generate with HF ``generate``; with ``capture``/``edits``, probes cover prompt and new tokens.
+
+        Returns a :class:`Generation` (``.text``, ``.ids``, ``.prompt_ids``, ``.trace``).
+        """
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        model_inputs = self.prepare(inputs, enable_thinking=enable_thinking, tools=tools)
+        gen_kwargs = _generation_kwargs(self.model, sampling)
+        prompt_len = model_inputs["input_ids"].shape[1]
+        with self._session(capture, edits, model_inputs, positions=positions, heads=heads, batch=batch,
+                           device=capture_device, dtype=capture_dtype, chunk_size=chunk_size,
+                           budget_bytes=budget_bytes, extra_tokens=max_new_tokens) as session:
+            if seed is not None:
+                torch.manual_seed(seed)
+            with torch.no_grad():
+                out = self.model.generate(**model_inputs, max_new_tokens=max_new_tokens, **gen_kwargs)
+        new = out[:, prompt_len:]
+        trace = None
+        if session is not None and session.capture:
+            trace = _inst.Trace.from_session(session, self._trace_meta(model_inputs, out))
+        return Generation(text=self.tokenizer.decode(new[0], skip_special_tokens=False), ids=new,
+                          prompt_ids=model_inputs["input_ids"], trace=trace)
+
+    def chat(self, messages, *, enable_thinking=None, max_new_tokens: int = 256, tools=None,
+             preserve_thinking=None, seed: int | None = None, **sampling) -> ChatResult:
+        """Render ``messages`` with the model's chat template, generate, and split the reply.
+
+        ``messages`` are OpenAI-style dicts as in the model cards. ``sampling``
+        takes ``temperature``, ``top_p``, ``top_k``, ``do_sample``; with none
+        given the checkpoint's generation config applies.
+        """
+        prompt = self.render(messages, enable_thinking=enable_thinking, tools=tools,
+                             preserve_thinking=preserve_thinking)
+        ids = self.encode(prompt)
+        out = self.generate({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                            max_new_tokens=max_new_tokens, seed=seed, **sampling)
+        text = out.text
+        stop_ids = set(_eos_ids(self.model))
+        finished = bool(out.ids.numel()) and int(out.ids[0, -1]) in stop_ids
+        clean = text
+        for tok in ("<|im_end|>", "<|endoftext|>"):
+            clean = clean.split(tok)[0]
+        parsed = chat_format.parse_output(clean, prompt_opened_think=prompt.endswith("<think>\n"))
+        return ChatResult(reasoning=parsed.reasoning, answer=parsed.answer, tool_calls=parsed.tool_calls,
+                          text=text, prompt=prompt, prompt_tokens=ids.shape[1],
+                          generated_tokens=out.ids.shape[1], finished=finished)
+
+    # -------------------------------------------------------- instrumentation
+    def probe_names(self, pattern=None) -> list[str]:
+        """Every probe name of this model (or those a pattern selects)."""
+        names = _inst.probe_names(self.config)
+        return names if pattern is None else _inst.select(pattern, names, self.layer_types)
+
+    def instrument(self):
+        """Swap in the instrumented modules (same parameters; logits unchanged until you capture)."""
+        _inst.instrument(self.model)
+        return self
+
+    def uninstrument(self):
+        """Restore HF's modules and remove every hook."""
+        _inst.uninstrument(self.model)
+        return self
+
+    @property
+    def is_instrumented(self) -> bool:
+        return _inst.is_instrumented(self.model)
+
+    @contextlib.contextmanager
+    def instrumented(self):
+        """``with lab.instrumented(): ...`` — instrumented inside, plain HF after (also after an exception)."""
+        was = self.is_instrumented
+        self.instrument()
+        try:
+            yield self
+        finally:
+            if not was:
+                self.uninstrument()
+
+    def estimate(self, capture, inputs=None, *, length: int | None = None, batch_size: int = 1, positions=None,
+                 heads=None, dtype=None, chunk_size: int = 64) -> dict:
+        """Bytes a capture needs: ``{"total": n, "per_probe": {...}}``, for ``inputs`` or a ``length``."""
+        names, _ = _inst.plan(self.config, capture, None)
+        if inputs is not None:
+            ids = self.prepare(inputs)["input_ids"]
+            batch_size, length = ids.shape
+        if length is None:
+            raise ValueError("estimate() needs inputs or length=")
+        n_pos = None if positions is None else len(_positions_list(positions, length))
+        n_heads = None if heads is None else len([heads] if isinstance(heads, int) else list(heads))
+        item = (dtype or torch.float32).itemsize if isinstance(dtype, torch.dtype) or dtype is None else 4
+        per = _inst.estimate_capture_bytes(self.config, names, batch=batch_size, length=length, n_positions=n_pos,
+                                           n_heads=n_heads, dtype_bytes=item if dtype else self.dtype.itemsize,
+                                           chunk_size=chunk_size)
+        return {"total": sum(per.values()), "per_probe": per}
+
+    @contextlib.contextmanager
+    def _session(self, capture, edits, model_inputs, *, positions=None, heads=None, batch=None, device="cpu",
+                 dtype=None, chunk_size=64, budget_bytes=None, extra_tokens=0):
+        """Plan, check the budget, instrument, run the body with a live session, always clean up."""
+        if capture is None and not edits:
+            yield None
+            return
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+        names, resolved = _inst.plan(self.config, capture, edits)
+        _inst.validate_heads(self.config, names + list(resolved), heads)
+
+        def check(B: int, T: int) -> None:
+            """Refuse a bad batch selection or a capture over budget, before the forward runs."""
+            if batch is not None:
+                bl = [batch] if isinstance(batch, int) else list(batch)
+                if any(b >= B or b < -B for b in bl):
+                    raise IndexError(f"batch item {max(bl)} is out of range: the batch has {B} items (0–{B - 1})")
+            if positions is not None:
+                _positions_list(positions, T)
+            n_b = B if batch is None else len([batch] if isinstance(batch, int) else batch)
+            est = self.estimate(names, length=T, batch_size=n_b, positions=positions, heads=heads, dtype=dtype,
+                                chunk_size=chunk_size)
+            budget = budget_bytes if budget_bytes is not None else _inst.default_budget_bytes(device)
+            if est["total"] > budget:
+                top = sorted(est["per_probe"].items(), key=lambda kv: -kv[1])[:3]
+                raise MemoryError(
+                    f"this capture needs about {fmt_bytes(est['total'])}, over the budget of "
+                    f"{fmt_bytes(budget)} (largest: {', '.join(f'{n} {fmt_bytes(b)}' for n, b in top)}). "
+                    f"Narrow it: fewer probes (e.g. 'layers.3.*'), positions=[...], heads=[...], "
+                    f"a smaller capture dtype (torch.bfloat16), or raise budget_bytes=.")
+
+        if model_inputs is not None:
+            B, T = model_inputs["input_ids"].shape
+            check(B, T + extra_tokens)
+        session = _inst.Session(capture=names, edits=resolved, positions=positions, heads=heads, batch=batch,
+                                device=device, dtype=dtype, chunk_size=chunk_size)
+        if model_inputs is None:  # lab.trace(): the inputs are seen on the first forward call
+            session.first_call_check = check
+        was = self.is_instrumented
+        hub = _inst.instrument(self.model)
+        hub.session = session
+        try:
+            yield session
+        finally:
+            hub.session = None
+            if not was:
+                _inst.uninstrument(self.model)
+
+    def _trace_meta(self, model_inputs, all_ids: torch.Tensor) -> dict:
+        meta = {"model": self.name, "tokens": all_ids.detach().cpu(), "layer_types": self.layer_types}
+        if self.tokenizer is not None:
+            meta["token_strings"] = self.tokenizer.convert_ids_to_tokens(all_ids[0].tolist())
+        try:
+            pos = self._position_ids(model_inputs)
+            if pos is not None:
+                meta["position_ids"] = pos.detach().cpu()
+        except Exception:  # position ids are informative only
+            pass
+        return meta
+
+    def _position_ids(self, model_inputs):
+        inner = getattr(self.model, "model", None)
+        if inner is None or not hasattr(inner, "get_rope_index"):
+            return None
+        kw = {k: model_inputs.get(k) for k in ("image_grid_thw", "video_grid_thw", "attention_mask")}
+        kw = {k: v for k, v in kw.items() if v is not None}
+        mm = model_inputs.get("mm_token_type_ids")
+        if mm is not None:
+            kw["mm_token_type_ids"] = mm
+        pos, _ = inner.get_rope_index(model_inputs["input_ids"], **kw)
+        return pos
+
+    @contextlib.contextmanager
+    def trace(self, capture=None, *, edits=None, positions=None, heads=None, batch=None, device="cpu",
+              dtype=None, chunk_size: int = 64, budget_bytes=None):
+        """``with lab.trace("layers.*.deltanet.beta") as tr: lab.model(**inputs)`` — tr is filled on exit.
+
+        Every forward call inside the block (a prefill, ``model.generate``'s decode steps) lands in one
+        trace; the memory guard runs on the first call, before any work.
+        """
+        tr = _inst.Trace(meta={"model": self.name})
+        tr._recording = True
+        with self._session(capture, edits, None, positions=positions, heads=heads, batch=batch, device=device,
+                           dtype=dtype, chunk_size=chunk_size, budget_bytes=budget_bytes) as session:
+            yield tr
+        tr._recording = False
+        if session is not None:
+            meta = {"model": self.name, "layer_types": self.layer_types}
+            if session.token_chunks:
+                ids = torch.cat([t.cpu() for t in session.token_chunks], dim=1)
+                meta["tokens"] = ids
+                if self.tokenizer is not None:
+                    meta["token_strings"] = self.tokenizer.convert_ids_to_tokens(ids[0].tolist())
+            filled = _inst.Trace.from_session(session, meta)
+            tr.__dict__.update({k: v for k, v in filled.__dict__.items() if k != "_recording"})
+
+    def run(self, inputs, *, capture=None, edits=None, positions=None, heads=None, batch=None, device="cpu",
+            dtype=None, chunk_size: int = 64, budget_bytes=None, enable_thinking=None) -> "_inst.Trace":
+        """One forward pass; returns a :class:`Trace` of the captured probes (and the last logits).
+
+        ``capture``: probe names, globs (``"layers.*.deltanet.beta"``), a list or a callable.
+        ``edits``: ``{name or glob: number | tensor | function | ql.scale(...) | ql.patch(...)}``.
+        ``positions`` / ``heads`` / ``batch`` narrow what is stored; ``device`` / ``dtype`` where it goes.
+        """
+        model_inputs = self.prepare(inputs, enable_thinking=enable_thinking)
+        with self._session(capture, edits, model_inputs, positions=positions,
+                           heads=heads, batch=batch, device=device, dtype=dtype, chunk_size=chunk_size,
+                           budget_bytes=budget_bytes) as session:
+            with torch.no_grad():
+                out = self.model(**model_inputs, use_cache=False)
+        ids = model_inputs["input_ids"]
+        if session is None:
+            tr = _inst.Trace(meta=self._trace_meta(model_inputs, ids))
+        else:
+            tr = _inst.Trace.from_session(session, self._trace_meta(model_inputs, ids))
+            tr.meta["ran_instrumented"] = sorted(session.ran_instrumented)
+        tr.meta["last_logits"] = out.logits[:, -1].detach().float().cpu()
+        return tr
+
+
+def _positions_list(positions, length: int) -> list[int]:
+    from .instrument.probes import as_index_list
+
+    return as_index_list(positions, length, "positions")
+
+
+def _eos_ids(model) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    if eos is None:
+        return []
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "min_p", "num_beams"}
+
+
+def _generation_kwargs(model, sampling: dict) -> dict:
+    unknown = set(sampling) - _SAMPLING_KEYS
+    if unknown:
+        raise TypeError(f"unknown sampling argument(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_SAMPLING_KEYS))}")
+    kw = dict(sampling)
+    if kw.get("temperature") == 0:
+        kw.pop("temperature")
+        kw["do_sample"] = False
+    pad = model.generation_config.pad_token_id
+    if pad is None and _eos_ids(model):
+        kw["pad_token_id"] = _eos_ids(model)[0]
+    return kw
