@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import chat_format
+from . import chat_format, multimodal
+from . import sampling as sampling_module
 from . import instrument as _inst
 from ._io import fmt_bytes
 
@@ -123,10 +124,9 @@ class Lab:
             ids = self.encode(inputs)
             return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         if isinstance(inputs, list):
-            prompt = self.render(inputs, enable_thinking=enable_thinking, tools=tools,
-                                 add_generation_prompt=add_generation_prompt)
-            ids = self.encode(prompt)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+            built = multimodal.build_inputs(self, inputs, enable_thinking=enable_thinking, tools=tools,
+                                            add_generation_prompt=add_generation_prompt)
+            return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in built.items()}
         raise TypeError(f"inputs must be a prompt string, a list of chat messages, token ids or a dict of model "
                         f"inputs; got {type(inputs).__name__}")
 
@@ -142,7 +142,7 @@ class Lab:
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         model_inputs = self.prepare(inputs, enable_thinking=enable_thinking, tools=tools)
-        gen_kwargs = _generation_kwargs(self.model, sampling)
+        gen_kwargs = sampling_module.generation_kwargs(self, sampling, prompt_ids=model_inputs["input_ids"])
         prompt_len = model_inputs["input_ids"].shape[1]
         with self._session(capture, edits, model_inputs, positions=positions, heads=heads, batch=batch,
                            device=capture_device, dtype=capture_dtype, chunk_size=chunk_size,
@@ -364,18 +364,3 @@ def _eos_ids(model) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
-_SAMPLING_KEYS = {"temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "min_p", "num_beams"}
-
-
-def _generation_kwargs(model, sampling: dict) -> dict:
-    unknown = set(sampling) - _SAMPLING_KEYS
-    if unknown:
-        raise TypeError(f"unknown sampling argument(s) {', '.join(sorted(unknown))}; valid: {', '.join(sorted(_SAMPLING_KEYS))}")
-    kw = dict(sampling)
-    if kw.get("temperature") == 0:
-        kw.pop("temperature")
-        kw["do_sample"] = False
-    pad = model.generation_config.pad_token_id
-    if pad is None and _eos_ids(model):
-        kw["pad_token_id"] = _eos_ids(model)[0]
-    return kw
