@@ -65,24 +65,22 @@ VISION_CONFIG = dict(
 )
 
 # The real checkpoints' processor settings (patch 16, merge 2, fps 2, 4..768 frames).
-PREPROCESSOR_CONFIG = {
-    "image_processor_type": "Qwen2VLImageProcessorFast",
+_PIXELS = {
     "processor_class": "Qwen3VLProcessor",
     "patch_size": 16,
     "temporal_patch_size": 2,
     "merge_size": 2,
     "image_mean": [0.5, 0.5, 0.5],
     "image_std": [0.5, 0.5, 0.5],
+}
+PREPROCESSOR_CONFIG = {
+    **_PIXELS,
+    "image_processor_type": "Qwen2VLImageProcessorFast",
     "size": {"longest_edge": 16777216, "shortest_edge": 65536},
 }
 VIDEO_PREPROCESSOR_CONFIG = {
+    **_PIXELS,
     "video_processor_type": "Qwen3VLVideoProcessor",
-    "processor_class": "Qwen3VLProcessor",
-    "patch_size": 16,
-    "temporal_patch_size": 2,
-    "merge_size": 2,
-    "image_mean": [0.5, 0.5, 0.5],
-    "image_std": [0.5, 0.5, 0.5],
     "size": {"longest_edge": 25165824, "shortest_edge": 4096},
     "fps": 2,
     "min_frames": 4,
