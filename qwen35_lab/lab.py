@@ -155,6 +155,8 @@ class Lab:
         trace = None
         if session is not None and session.capture:
             trace = _inst.Trace.from_session(session, self._trace_meta(model_inputs, out))
+            if out.shape[0] == 1:
+                trace.meta["segments"] = multimodal.segments(self, model_inputs)
         return Generation(text=self.tokenizer.decode(new[0], skip_special_tokens=False), ids=new,
                           prompt_ids=model_inputs["input_ids"], trace=trace)
 
@@ -168,9 +170,9 @@ class Lab:
         """
         prompt = self.render(messages, enable_thinking=enable_thinking, tools=tools,
                              preserve_thinking=preserve_thinking)
-        ids = self.encode(prompt)
-        out = self.generate({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
-                            max_new_tokens=max_new_tokens, seed=seed, **sampling)
+        model_inputs = multimodal.build_inputs(self, messages, enable_thinking=enable_thinking, tools=tools,
+                                               preserve_thinking=preserve_thinking)
+        out = self.generate(model_inputs, max_new_tokens=max_new_tokens, seed=seed, **sampling)
         text = out.text
         stop_ids = set(_eos_ids(self.model))
         finished = bool(out.ids.numel()) and int(out.ids[0, -1]) in stop_ids
@@ -179,8 +181,43 @@ class Lab:
             clean = clean.split(tok)[0]
         parsed = chat_format.parse_output(clean, prompt_opened_think=prompt.endswith("<think>\n"))
         return ChatResult(reasoning=parsed.reasoning, answer=parsed.answer, tool_calls=parsed.tool_calls,
-                          text=text, prompt=prompt, prompt_tokens=ids.shape[1],
+                          text=text, prompt=prompt, prompt_tokens=model_inputs["input_ids"].shape[1],
                           generated_tokens=out.ids.shape[1], finished=finished)
+
+    # ------------------------------------------------------ inputs & sampling
+    def inspect_inputs(self, messages, **options):
+        """Segments of a prompt (text, images, video frame pairs): token spans, grids, times, M-RoPE positions."""
+        return multimodal.inspect_inputs(self, messages, **options)
+
+    def sweep(self, prompts, **kwargs):
+        """Generate for every combination of sampling settings; tidy rows as a ``datasets.Dataset``."""
+        return sampling_module.sweep(self, prompts, **kwargs)
+
+    # ---------------------------------------------------------- long context
+    def set_rope(self, rope):
+        """Apply a ``rope_parameters`` dict (e.g. ``yarn_for_context(1_010_000)``) in place; ``None`` restores."""
+        from .longctx import set_rope
+
+        return set_rope(self, rope)
+
+    @property
+    def rope(self):
+        """The active rope: type, factor, attention factor and the effective maximum context."""
+        from .longctx import rope_info
+
+        return rope_info(self)
+
+    @property
+    def max_context(self) -> int:
+        from .longctx import max_context
+
+        return max_context(self)
+
+    def prefill(self, inputs, **kwargs):
+        """Chunked prefill of a long prompt with bounded memory and a progress bar (captures work across chunks)."""
+        from .longctx import chunked_prefill
+
+        return chunked_prefill(self, inputs, **kwargs)
 
     # -------------------------------------------------------- instrumentation
     def probe_names(self, pattern=None) -> list[str]:
@@ -346,8 +383,9 @@ class Lab:
             tr = _inst.Trace(meta=self._trace_meta(model_inputs, ids))
         else:
             tr = _inst.Trace.from_session(session, self._trace_meta(model_inputs, ids))
-            tr.meta["ran_instrumented"] = sorted(session.ran_instrumented)
         tr.meta["last_logits"] = out.logits[:, -1].detach().float().cpu()
+        if ids.shape[0] == 1:
+            tr.meta["segments"] = multimodal.segments(self, model_inputs)
         return tr
 
 

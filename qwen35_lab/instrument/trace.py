@@ -50,6 +50,9 @@ class Trace:
         for layer, rec in session.states.items():
             states[layer] = {"checkpoints": dict(rec.checkpoints), "final": (rec.final_position, rec.final),
                              "inputs": rec.finalize(), "heads": rec.heads}
+        # which heads / batch items the probes hold (None = all), and which paths ran
+        meta = {**meta, "heads": session.heads, "batch": session.batch,
+                "ran_instrumented": sorted(session.ran_instrumented)}
         return cls(tensors, positions, states, meta, session.chunk_size)
 
     # ------------------------------------------------------------- access
@@ -157,6 +160,10 @@ class Trace:
                               f"{budget / 1e9:.2f} GB; ask for fewer positions (trace.states({layer}, positions=...)) "
                               "or use trace.state(layer, t) one at a time")
         return torch.stack([self.state(layer, t) for t in positions], dim=1)
+
+    def state_length(self, layer: int) -> int:
+        """How many positions have a state ``S_t`` (a generated last token is never fed back)."""
+        return self._state_layer(layer)["final"][0]
 
     def final_state(self, layer: int) -> torch.Tensor:
         return self._state_layer(layer)["final"][1].clone()
@@ -279,6 +286,8 @@ class Trace:
 def _concat(name: str, parts: list[torch.Tensor]) -> torch.Tensor:
     if len(parts) == 1:
         return parts[0]
+    if name.startswith("visual."):  # images and videos go through the vision tower in separate calls
+        return torch.cat(parts, dim=0)
     lay = layout(name) if not name.endswith(("entropy", "max_prob", "sink_mass", "mean_distance")) else "BHT"
     if "T" not in lay:
         return parts[-1]  # e.g. conv_state: the latest
