@@ -1,8 +1,13 @@
 """Organisms: small Qwen3.5-architecture models shipped in ``data/organisms/``.
 
-``tiny`` is random-weight plumbing with the real vocabulary; trained organisms
-show real mechanisms. Build or train them with
-``python -m qwen35_lab.organisms build tiny``.
+``tiny`` is random-weight plumbing with the real vocabulary; the trained
+organisms show real mechanisms: ``recall`` (multi-query associative recall,
+one [3 × Gated DeltaNet, 1 × gated attention] group), ``recall-linear`` (the
+same task, DeltaNet layers only) and ``passkey`` (one key word far back in
+filler, small RoPE base). Build or train them with
+``python -m qwen35_lab.organisms build tiny`` /
+``python -m qwen35_lab.organisms train recall``, and measure them with
+:func:`evaluate`. The trainer is :func:`qwen35_lab.organisms.train.train`.
 """
 
 from __future__ import annotations
@@ -10,7 +15,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from .tasks import evaluate
+
+__all__ = ["BUILDERS", "TRAINABLE", "organisms_dir", "available", "build", "evaluate"]
+
 BUILDERS = {"tiny": "qwen35_lab.organisms.tiny:build_tiny"}
+TRAINABLE = ("recall", "recall-linear", "passkey")
 
 
 def organisms_dir() -> Path:
@@ -38,3 +48,4 @@ def build(name: str, out_dir: str | Path | None = None) -> Path:
     module, func = BUILDERS[name].split(":")
     out = Path(out_dir) if out_dir is not None else organisms_dir() / name
     return getattr(importlib.import_module(module), func)(out)
+

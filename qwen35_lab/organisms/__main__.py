@@ -1,11 +1,17 @@
-"""``python -m qwen35_lab.organisms build NAME [--out DIR]``."""
+"""``python -m qwen35_lab.organisms build|train|evaluate ...``.
+
+    build tiny [--out DIR]
+    train NAME [--seed S] [--out DIR] [--minutes M]
+    evaluate NAME_OR_DIR [--length L] [--n N] [--seed S]
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
-from . import BUILDERS, build
+from . import BUILDERS, TRAINABLE, build
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,10 +20,35 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("build", help="build a random-weight organism")
     b.add_argument("name", choices=sorted(BUILDERS))
     b.add_argument("--out", default=None, help="output directory (default: data/organisms/NAME)")
+    t = sub.add_parser("train", help="train a task organism from a seed (CPU)")
+    t.add_argument("name", choices=TRAINABLE)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="output directory (default: data/organisms/NAME)")
+    t.add_argument("--minutes", type=float, default=55.0, help="wall-clock cap (default 55)")
+    e = sub.add_parser("evaluate", help="accuracy of a trained organism on fresh data")
+    e.add_argument("name", help="organism name or checkpoint directory")
+    e.add_argument("--length", type=int, default=None, help="recall: pairs; passkey: filler tokens "
+                                                            "(default: the training length)")
+    e.add_argument("--n", type=int, default=200, help="number of prompts (default 200)")
+    e.add_argument("--seed", type=int, default=12345)
     args = parser.parse_args(argv)
     if args.command == "build":
         path = build(args.name, args.out)
         print(f"built {args.name} in {path}")
+    elif args.command == "train":
+        from .train import train
+
+        path = train(args.name, seed=args.seed, out_dir=args.out, minutes=args.minutes)
+        print(f"trained {args.name} in {path}")
+    else:
+        from .. import load
+        from .tasks import evaluate
+
+        lab = load(args.name, dtype="float32", device="cpu")
+        task = (lab.meta or {}).get("task")
+        if task is None:
+            parser.error(f"{args.name!r} is not a trained task organism (no 'task' in its qwen35_lab.json)")
+        print(json.dumps(evaluate(lab, task, length=args.length, n=args.n, seed=args.seed)))
     return 0
 
 

@@ -1,0 +1,464 @@
+"""Train the task organisms (``recall``, ``recall-linear``, ``passkey``) from a seed on CPU.
+
+``python -m qwen35_lab.organisms train recall`` regenerates
+``data/organisms/recall/`` in minutes on 2 CPU cores. Everything random —
+initialisation, the curriculum, the training data — comes from the seed
+(one ``torch.Generator`` and one ``random.Random``), data are generated in
+this process, and the algorithms are deterministic, so a run is repeatable
+on one machine.
+
+What makes these tiny models learn quickly (measured, see the cards):
+
+- a curriculum: each batch draws its length (pairs for recall, filler tokens
+  and needle depth for passkey) at random up to the training length;
+- loss on the answers only;
+- the decay init of the Gated DeltaNet paper (``A ~ U(1, 16)``, ``dt``
+  log-uniform in ``[1e-3, 0.1]``, ``dt_bias = softplus⁻¹(dt)``) instead of
+  HF's, which makes most heads forget almost every step;
+- fp32 on one thread: on CPUs without bf16 instructions bf16 autocast was
+  about 8× slower for these shapes, and two OpenMP threads on a shared 2-core
+  machine were far slower than one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .._io import atomic_directory
+from . import tasks
+
+__all__ = ["Recipe", "RECIPES", "model_config", "train"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one organism is built and trained."""
+
+    name: str
+    task: str
+    layer_types: tuple[str, ...]
+    train_length: int  # recall: pairs; passkey: filler tokens
+    min_length: int  # the curriculum draws lengths in [min_length, train_length]
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_attention_heads: int = 2
+    num_key_value_heads: int = 1
+    head_dim: int = 32
+    linear_num_key_heads: int = 2
+    linear_num_value_heads: int = 2
+    linear_key_head_dim: int = 32
+    linear_value_head_dim: int = 32
+    rope_theta: float = 10_000.0
+    partial_rotary_factor: float = 0.25
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    batch_size: int = 64
+    max_steps: int = 3000
+    eval_every: int = 100
+    eval_n: int = 200
+    target_accuracy: float = 0.99  # stop once an evaluation at train_length reaches it ...
+    min_steps: int = 0  # ... but not before this step
+    length_step: int = 1  # passkey lengths are drawn in multiples of this
+    description: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+RECIPES: dict[str, Recipe] = {
+    "recall": Recipe(
+        name="recall", task="recall",
+        layer_types=("linear_attention",) * 3 + ("full_attention",),
+        train_length=8, min_length=2, batch_size=32, max_steps=2500, eval_every=50, target_accuracy=0.98,
+        description="multi-query associative recall, 8 pairs; one [3 × Gated DeltaNet, 1 × gated attention] group",
+    ),
+    "recall-linear": Recipe(
+        name="recall-linear", task="recall",
+        layer_types=("linear_attention",) * 2,
+        train_length=8, min_length=2, batch_size=32, max_steps=3000, eval_every=100, target_accuracy=0.98,
+        description="multi-query associative recall, 8 pairs; two Gated DeltaNet layers, no attention",
+    ),
+    "passkey": Recipe(
+        name="passkey", task="passkey",
+        layer_types=("linear_attention", "full_attention"),
+        train_length=256, min_length=16, length_step=16, rope_theta=1000.0, partial_rotary_factor=0.5,
+        batch_size=32, max_steps=1000, min_steps=600, eval_every=50, target_accuracy=1.0,
+        description="one key word hidden in 256 filler tokens; Gated DeltaNet + gated attention",
+    ),
+}
+
+
+def model_config(recipe: Recipe, vocab_size: int):
+    """The ``Qwen3_5TextConfig`` of an organism (gated attention, partial RoPE, tied embeddings)."""
+    from transformers import Qwen3_5TextConfig
+
+    n = len(recipe.layer_types)
+    return Qwen3_5TextConfig(
+        vocab_size=vocab_size,
+        hidden_size=recipe.hidden_size,
+        intermediate_size=recipe.intermediate_size,
+        num_hidden_layers=n,
+        layer_types=list(recipe.layer_types),
+        full_attention_interval=4,
+        num_attention_heads=recipe.num_attention_heads,
+        num_key_value_heads=recipe.num_key_value_heads,
+        head_dim=recipe.head_dim,
+        attn_output_gate=True,
+        linear_num_key_heads=recipe.linear_num_key_heads,
+        linear_num_value_heads=recipe.linear_num_value_heads,
+        linear_key_head_dim=recipe.linear_key_head_dim,
+        linear_value_head_dim=recipe.linear_value_head_dim,
+        linear_conv_kernel_dim=4,
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32_768,
+        tie_word_embeddings=True,
+        # transformers' hybrid cache needs at least one attention layer
+        use_cache="full_attention" in recipe.layer_types,
+        pad_token_id=0,
+        bos_token_id=None,
+        eos_token_id=2,
+        rope_parameters={"rope_type": "default", "rope_theta": recipe.rope_theta,
+                         "partial_rotary_factor": recipe.partial_rotary_factor},
+    )
+
+
+def init_decay(model, generator: torch.Generator) -> None:
+    """Gated DeltaNet paper init: ``A ~ U(1, 16)``, ``dt`` log-uniform [1e-3, 0.1], ``dt_bias = softplus⁻¹(dt)``."""
+    for layer in model.model.layers:
+        if not hasattr(layer, "linear_attn"):
+            continue
+        attn = layer.linear_attn
+        n = attn.A_log.numel()
+        attn.A_log.data = torch.empty(n).uniform_(1, 16, generator=generator).log()
+        lo, hi = math.log(1e-3), math.log(0.1)
+        dt = torch.exp(torch.empty(n).uniform_(0, 1, generator=generator) * (hi - lo) + lo)
+        attn.dt_bias.data = dt + torch.log(-torch.expm1(-dt))
+
+
+def _draw_length(recipe: Recipe, rng: random.Random) -> int:
+    if recipe.task == "recall":
+        return rng.randint(recipe.min_length, recipe.train_length)
+    steps = (recipe.train_length - recipe.min_length) // recipe.length_step
+    return recipe.min_length + recipe.length_step * rng.randint(0, steps)
+
+
+def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minutes: float = 55.0,
+          threads: int = 1, max_steps: int | None = None, progress: bool = True,
+          evaluate_after: bool = True) -> Path:
+    """Train organism ``name`` from ``seed`` and save it (atomically) to ``out_dir``.
+
+    Stops when an evaluation at the training length reaches the recipe's
+    ``target_accuracy``, after ``max_steps``, or after ``minutes`` (a safety
+    cap: a run stopped by it is not step-for-step repeatable).
+    Writes the HF checkpoint, the tokenizer, ``qwen35_lab.json``,
+    ``train_log.jsonl``, ``training_curve.png`` and the ``README.md`` card
+    (``evaluate_after=False`` skips the card's evaluation and card, for quick checks).
+    ``threads`` defaults to 1: on a shared 2-core machine two OpenMP threads
+    slow these small matmuls down many times over.
+    """
+    from transformers import GenerationConfig, Qwen3_5ForCausalLM
+    from tqdm.auto import tqdm
+
+    from . import organisms_dir
+
+    if name not in RECIPES:
+        raise ValueError(f"unknown organism {name!r}; trainable organisms: {', '.join(RECIPES)}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    if not (isinstance(minutes, (int, float)) and minutes > 0):
+        raise ValueError(f"minutes must be a positive number, got {minutes!r}")
+    recipe = RECIPES[name]
+    steps_cap = recipe.max_steps if max_steps is None else max_steps
+    out = Path(out_dir) if out_dir is not None else organisms_dir() / name
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True)
+    rng = random.Random(seed)
+    tokenizer = tasks.build_tokenizer(recipe.task)
+    config = model_config(recipe, len(tokenizer))
+    model = Qwen3_5ForCausalLM(config).float()
+    init_decay(model, torch.Generator().manual_seed(seed))
+    model.train()
+
+    decay, no_decay = [], []
+    for pname, p in model.named_parameters():
+        (no_decay if p.ndim < 2 or "norm" in pname or pname.endswith(("A_log", "dt_bias")) else decay).append(p)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=recipe.lr, betas=(0.9, 0.98))
+
+    def lr_at(step: int) -> float:
+        warm = min(1.0, (step + 1) / recipe.warmup_steps)
+        return recipe.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, steps_cap) / steps_cap))
+
+    log: list[dict] = []
+    start = time.time()
+    bar = tqdm(range(steps_cap), desc=f"train {name}", disable=not progress, mininterval=2.0)
+    ema = None
+    stopped = "max_steps"
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        input_ids, labels = tasks.make_batch(recipe.task, tokenizer, rng, _draw_length(recipe, rng), recipe.batch_size)
+        logits = model(input_ids=input_ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        if (step + 1) % recipe.eval_every == 0 or step + 1 == steps_cap:
+            acc = _quick_eval(model, tokenizer, recipe, seed)
+            row = {"step": step + 1, "loss": round(ema, 4), "accuracy": round(acc, 4),
+                   "seconds": round(time.time() - start, 1), "lr": lr_at(step)}
+            log.append(row)
+            bar.set_postfix(loss=f"{ema:.3f}", acc=f"{acc:.3f}")
+            if acc >= recipe.target_accuracy and step + 1 >= recipe.min_steps:
+                stopped = "target_accuracy"
+                break
+            if time.time() - start > minutes * 60:
+                stopped = "minutes"
+                break
+    bar.close()
+    seconds = time.time() - start
+    model.eval()
+
+    with atomic_directory(out) as tmp:
+        model = model.to(torch.bfloat16)
+        model.generation_config = GenerationConfig(pad_token_id=0, eos_token_id=2, do_sample=False)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        meta = {"organism": name, "task": recipe.task, "seed": seed, "train_length": recipe.train_length,
+                "recipe": asdict(recipe), "steps": log[-1]["step"] if log else 0,
+                "train_seconds": round(seconds, 1), "stopped": stopped, "torch": torch.__version__}
+        (tmp / "qwen35_lab.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+        with open(tmp / "train_log.jsonl", "w") as f:
+            for row in log:
+                f.write(json.dumps(row) + "\n")
+        if evaluate_after:
+            meta["evaluation"] = _evaluate_saved(tmp, recipe, seed)
+            (tmp / "qwen35_lab.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+            _plot_curve(tmp / "training_curve.png", recipe, log)
+            (tmp / "README.md").write_text(card(recipe, meta, log))
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+    return out
+
+
+def _quick_eval(model, tokenizer, recipe: Recipe, seed: int) -> float:
+    """Accuracy at the training length on data no training batch uses (its own seed)."""
+    model.eval()
+    rng = random.Random(10_000_019 + seed)
+    with torch.no_grad():
+        input_ids, labels = tasks.make_batch(recipe.task, tokenizer, rng, recipe.train_length, recipe.eval_n)
+        acc = tasks.accuracy_from_logits(model(input_ids=input_ids).logits.float(), input_ids, labels)
+    model.train()
+    return acc
+
+
+
+
+EVAL_SEED = 777
+EVAL_LENGTHS = {"recall": [2, 4, 8, 12, 16, 24, 32], "passkey": [64, 128, 256, 512, 1024, 2048]}
+
+
+def _evaluate_saved(folder: Path, recipe: Recipe, seed: int) -> dict:
+    """Measure the saved (bf16) checkpoint, loaded back as users load it, for the card."""
+    from .. import load
+    from . import passkey, recall
+
+    lab = load(str(folder), dtype="float32", device="cpu")
+    lab.meta = {**(lab.meta or {}), "train_length": recipe.train_length}
+    n = 200 if recipe.task == "recall" else 100
+    table = [tasks.evaluate(lab, recipe.task, length=length, n=n, seed=EVAL_SEED, batch_size=25)
+             for length in EVAL_LENGTHS[recipe.task]]
+    result: dict = {"seed": EVAL_SEED, "by_length": table}
+    if recipe.task == "recall":
+        readout = recall.state_readout(lab, n=100, seed=EVAL_SEED)
+        result["state_readout"] = {k: readout[k] for k in ("accuracy", "chance", "layer", "head", "read", "n", "queries")}
+        result["state_readout"]["per_head"] = {f"{layer}.{head}": round(a, 4) for (layer, head), a in readout["per_head"].items()}
+        result["beta_ablation"] = recall.beta_ablation(lab, readout["layer"], n=100, seed=EVAL_SEED)
+    else:
+        result["needle_attention"] = [passkey.needle_attention(lab, length=length, n=50, seed=EVAL_SEED)
+                                      for length in (256, 1024, 2048)]
+        result["attention_ablation"] = [passkey.attention_ablation(lab, length=length, n=100, seed=EVAL_SEED)
+                                        for length in (256, 2048)]
+        result["deltanet_ablation"] = [passkey.deltanet_ablation(lab, length=length, n=100, seed=EVAL_SEED)
+                                       for length in (256, 2048)]
+    return result
+
+
+def _plot_curve(path: Path, recipe: Recipe, log: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in log]
+    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
+    ax.plot(steps, [r["loss"] for r in log], color="tab:blue", label="loss (answers, EMA)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [r["accuracy"] for r in log], color="tab:red", label="held-out accuracy")
+    ax2.set_ylabel("accuracy", color="tab:red")
+    ax2.set_ylim(0, 1.02)
+    ax.set_title(f"{recipe.name}: training curve")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _example_text(task: str) -> str:
+    rng = random.Random(1)
+    return tasks.recall_example(rng, 4).text if task == "recall" else tasks.passkey_example(rng, 24).text
+
+
+def card(recipe: Recipe, meta: dict, log: list[dict]) -> str:
+    """The organism's README.md."""
+    ev = meta["evaluation"]
+    lines = [f"# `{recipe.name}` — {recipe.description}", ""]
+    lines += [f"Trained by `python -m qwen35_lab.organisms train {recipe.name} --seed {meta['seed']}` "
+              f"in {meta['train_seconds']:.0f} s ({meta['steps']} steps, stopped by {meta['stopped']}) on one CPU "
+              f"thread, torch {meta['torch']}. Load it with `qwen35_lab.load({recipe.name!r})`.", ""]
+    lines += ["## Task and prompt format", ""]
+    if recipe.task == "recall":
+        lines += [
+            "Multi-query associative recall. `N` distinct keys (`k0`–`k63`) are each paired with a value",
+            "(`v0`–`v63`); after `?` every key is asked again, in a shuffled order, and followed by its value.",
+            "Plain text, no chat template; tokens are separated by single spaces:", "",
+            "```", _example_text("recall"), "```", "",
+            "Loss and accuracy count the values after `?` only (teacher forced: each answer is predicted",
+            f"from the logits at its query key). Training length: `N = {recipe.train_length}` pairs "
+            f"(`4N + 1 = {4 * recipe.train_length + 1}` tokens); "
+            f"`evaluate(lab, 'recall', length=N)` takes `N` from 1 to {tasks.RECALL_NUM_KEYS}.",
+        ]
+    else:
+        lines += [
+            "One key word (32 possible: `apple`, `river`, … `walnut`) hidden in filler sentences at a",
+            "random sentence boundary, asked for at the end. Plain text, no chat template:", "",
+            "```", _example_text("passkey"), "```", "",
+            "The needle is `the key is W .`, the question `what is the key ?`, and the answer the one",
+            f"word after it (loss on that word only). Training length: {recipe.train_length} filler tokens "
+            f"(prompt = filler + 10 tokens); `evaluate(lab, 'passkey', length=L)` builds prompts of any "
+            "length `L` (filler tokens), far beyond training. Chance is 1/32.",
+            "",
+            "A key word is a single token that never appears in the filler, so the answer is one",
+            "prediction and the task isolates the long-range look-up itself (a multi-digit key adds",
+            "an in-order copy of several tokens, which is much slower to learn).",
+        ]
+    c = recipe
+    lines += ["", "## Model", "", "| | |", "|---|---|",
+              "| class | `Qwen3_5ForCausalLM` (`Qwen3_5TextConfig`, model_type `qwen3_5_text`) |",
+              f"| layers | {len(c.layer_types)}: {', '.join(c.layer_types)} |",
+              f"| hidden / FFN | {c.hidden_size} / {c.intermediate_size} |"]
+    if "full_attention" in c.layer_types:
+        rot = int(c.head_dim * c.partial_rotary_factor)
+        lines += [f"| gated attention | {c.num_attention_heads} query heads, {c.num_key_value_heads} KV head, head_dim "
+                  f"{c.head_dim}, output gate; partial RoPE: {rot} of {c.head_dim} dims "
+                  f"(partial_rotary_factor {c.partial_rotary_factor}), rope_theta {c.rope_theta:g} |"]
+    lines += [f"| Gated DeltaNet | {c.linear_num_key_heads} q/k heads, {c.linear_num_value_heads} value heads, head dims "
+              f"{c.linear_key_head_dim}/{c.linear_value_head_dim}, conv kernel 4 |",
+              f"| vocabulary | {len(tasks.vocabulary(c.task))} words (WordLevel tokenizer, whitespace split) |",
+              "| weights | bfloat16 safetensors, tied embeddings |", ""]
+    lines += ["## Training", "",
+              f"Seed {meta['seed']}; AdamW lr {c.lr:g} (betas 0.9/0.98, weight decay {c.weight_decay}, "
+              f"{c.warmup_steps} warm-up steps, cosine over {c.max_steps} steps), batch {c.batch_size}, "
+              "grad clip 1, fp32. Curriculum: each batch draws its length "
+              f"uniformly in [{c.min_length}, {c.train_length}]"
+              + (f" (steps of {c.length_step} tokens; the needle at a uniformly random depth)" if c.task == "passkey" else " pairs")
+              + ". Decay init of the Gated DeltaNet paper: `A ~ U(1, 16)`, `dt` log-uniform in [1e-3, 0.1], "
+              "`dt_bias = softplus⁻¹(dt)` (HF's default init makes most heads forget almost every step). "
+              f"Training stops when the held-out accuracy at the training length reaches {c.target_accuracy:g}"
+              + (f" after step {c.min_steps}" if c.min_steps else "") + ".", "",
+              "![training curve](training_curve.png)", "",
+              "| step | loss (EMA) | held-out accuracy | seconds |", "|---:|---:|---:|---:|"]
+    stride = max(1, len(log) // 12)
+    shown = log[::stride] + ([log[-1]] if (len(log) - 1) % stride else [])
+    lines += [f"| {r['step']} | {r['loss']:.3f} | {r['accuracy']:.3f} | {r['seconds']:.0f} |" for r in shown]
+    lines += ["", "The full log is `train_log.jsonl`.", "", "## Evaluation", "",
+              f"`qwen35_lab.organisms.evaluate(lab, {c.task!r}, length=L, n=..., seed={ev['seed']})` on the saved "
+              "bf16 weights (loaded in fp32), fresh data:", ""]
+    unit = "pairs" if c.task == "recall" else "filler tokens"
+    lines += [f"| length ({unit}) | accuracy | answers scored |", "|---:|---:|---:|"]
+    lines += [f"| {r['length']}{' (training)' if r['length'] == c.train_length else ''} | {r['accuracy']:.3f} | {r['answers']} |"
+              for r in ev["by_length"]]
+    if c.task == "recall":
+        ro, ab = ev["state_readout"], ev["beta_ablation"]
+        lines += ["", "## Mechanism: the association is in the DeltaNet state", "",
+                  "`qwen35_lab.organisms.recall.state_readout(lab)`: for each query key at position `t`, capture "
+                  "`layers.*.deltanet.state` and read `r = S_tᵀ q_t` (`q_t` the normalised query of each value "
+                  "head, from `tr.state_inputs(layer)`); the decoded pair is the one whose value token's write "
+                  "vector `v_p` is nearest to `r` (cosine). No training, no probe fitting.", "",
+                  f"**State readout: {ro['accuracy']:.3f}** at layer {ro['layer']}, value head {ro['head']} "
+                  f"({ro['queries']} queries; chance {ro['chance']:.3f}, i.e. picking one of the {c.train_length} "
+                  "values of the prompt).", "",
+                  "| layer.head | readout accuracy |", "|---|---:|"]
+        lines += [f"| {k} | {v:.3f} |" for k, v in ro["per_head"].items()]
+        lines += ["", f"Causal check (`recall.beta_ablation`): with `β = 0` at layer {ab['layer']} "
+                  f"(edit `layers.{ab['layer']}.deltanet.beta`: nothing is written to its state) recall accuracy "
+                  f"falls from {ab['accuracy']:.3f} to {ab['ablated_accuracy']:.3f} (guessing one of the prompt's "
+                  f"{c.train_length} values gives {ro['chance']:.3f}; the {tasks.RECALL_NUM_VALUES} values "
+                  f"{1 / tasks.RECALL_NUM_VALUES:.3f})."]
+    else:
+        lines += ["", "## Mechanism: the key travels through the DeltaNet state", "",
+                  "`qwen35_lab.organisms.passkey.needle_attention(lab, length=L)`: attention probability from the "
+                  "final `?` to the key word (best head):", "",
+                  "| filler tokens | attention on the key word | head |", "|---:|---:|---:|"]
+        lines += [f"| {r['length']} | {r['attention']:.4f} | {r['head']} |" for r in ev["needle_attention"]]
+        lines += ["", "Causal checks (`passkey.attention_ablation`, `passkey.deltanet_ablation`):", "",
+                  "| filler tokens | unedited | attention output = 0 | DeltaNet β = 0 |", "|---:|---:|---:|---:|"]
+        for at, dn in zip(ev["attention_ablation"], ev["deltanet_ablation"]):
+            lines += [f"| {at['length']} | {at['accuracy']:.3f} | {at['ablated_accuracy']:.3f} | {dn['ablated_accuracy']:.3f} |"]
+        at, dn = ev["attention_ablation"][0], ev["deltanet_ablation"][0]
+        if dn["ablated_accuracy"] < 0.5 <= at["ablated_accuracy"]:
+            lines += ["", "The Gated DeltaNet layer does the retrieval on its own: with its writes stopped the answer "
+                      f"is near chance ({dn['ablated_accuracy']:.2f}; chance 1/32), with the attention layer "
+                      "silenced nothing changes. A key word is the "
+                      "only one of its kind in the prompt, so writing it into a head that barely decays and "
+                      "reading it back at `?` solves the task with no notion of position — which is why accuracy "
+                      "holds at 8× the training length. The attention head still looks at the needle, less and "
+                      "less as the prompt grows past the training length; RoPE / YaRN changes act on that head "
+                      "(rope_theta " f"{c.rope_theta:g}, {int(c.head_dim * c.partial_rotary_factor)} rotary dims) "
+                      "and show in its attention, not in the answer (an attention-only variant of this recipe "
+                      "stayed at chance for its first 125 steps, so the short budget went to the hybrid)."]
+        elif at["ablated_accuracy"] < 0.5:
+            lines += ["", "The attention layer does the retrieval: without it the answer is lost."]
+        else:
+            lines += ["", "Either layer alone carries the key: the organism has two routes to the answer."]
+    lines += ["", "## Reproduce", "", "```",
+              f"python -m qwen35_lab.organisms train {recipe.name} --seed {meta['seed']}",
+              f"python -m qwen35_lab.organisms evaluate {recipe.name} --length {c.train_length}", "```", "",
+              "Data come from `random.Random(seed)` in this process and initialisation from `torch.manual_seed(seed)`; "
+              "deterministic algorithms are on, so a run repeats on one machine (other CPUs or torch versions may "
+              "differ in the last bits and so in the exact step count).", ""]
+    return "\n".join(lines)
+
+
+def rewrite_card(folder: str | Path) -> Path:
+    """Re-render ``README.md`` and ``training_curve.png`` of a trained organism from its saved meta and log."""
+    folder = Path(folder)
+    meta = json.loads((folder / "qwen35_lab.json").read_text())
+    recipe = Recipe(**{**meta["recipe"], "layer_types": tuple(meta["recipe"]["layer_types"])})
+    log = [json.loads(line) for line in (folder / "train_log.jsonl").read_text().splitlines()]
+    _plot_curve(folder / "training_curve.png", recipe, log)
+    (folder / "README.md").write_text(card(recipe, meta, log))
+    return folder
+
+
+def refresh_evaluation(folder: str | Path) -> Path:
+    """Recompute the card's evaluation from the saved weights and re-render the card (no training)."""
+    folder = Path(folder)
+    meta = json.loads((folder / "qwen35_lab.json").read_text())
+    recipe = Recipe(**{**meta["recipe"], "layer_types": tuple(meta["recipe"]["layer_types"])})
+    meta["evaluation"] = _evaluate_saved(folder, recipe, meta["seed"])
+    (folder / "qwen35_lab.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return rewrite_card(folder)
