@@ -141,6 +141,8 @@ class Lab:
         """
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if enable_thinking is None and "preset" in sampling:
+            enable_thinking = sampling_module.resolve(sampling)[1]
         model_inputs = self.prepare(inputs, enable_thinking=enable_thinking, tools=tools)
         gen_kwargs = sampling_module.generation_kwargs(self, sampling, prompt_ids=model_inputs["input_ids"])
         prompt_len = model_inputs["input_ids"].shape[1]
@@ -165,9 +167,12 @@ class Lab:
         """Render ``messages`` with the model's chat template, generate, and split the reply.
 
         ``messages`` are OpenAI-style dicts as in the model cards. ``sampling``
-        takes ``temperature``, ``top_p``, ``top_k``, ``do_sample``; with none
-        given the checkpoint's generation config applies.
+        takes ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``presence_penalty``,
+        ``frequency_penalty``, ``repetition_penalty`` (vLLM's meanings) or a
+        ``preset`` name; with none given the checkpoint's generation config applies.
         """
+        if enable_thinking is None and "preset" in sampling:
+            enable_thinking = sampling_module.resolve(sampling)[1]
         prompt = self.render(messages, enable_thinking=enable_thinking, tools=tools,
                              preserve_thinking=preserve_thinking)
         model_inputs = multimodal.build_inputs(self, messages, enable_thinking=enable_thinking, tools=tools,
@@ -192,6 +197,16 @@ class Lab:
     def sweep(self, prompts, **kwargs):
         """Generate for every combination of sampling settings; tidy rows as a ``datasets.Dataset``."""
         return sampling_module.sweep(self, prompts, **kwargs)
+
+    def sample(self, prompt, **kwargs):
+        """One generation with vLLM-exact sampling and its metrics (see ``qwen35_lab.sampling.sample``)."""
+        return sampling_module.sample(self, prompt, **kwargs)
+
+    def sampling_panel(self, **kwargs):
+        """An ipywidgets panel: presets, sliders, streamed output and the next-token distribution per step."""
+        from .sampling_panel import SamplingPanel
+
+        return SamplingPanel(self, **kwargs)
 
     # ---------------------------------------------------------- long context
     def set_rope(self, rope):

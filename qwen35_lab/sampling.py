@@ -1,14 +1,448 @@
-"""Sampling: the keyword arguments ``Lab.generate`` passes to HF ``generate``.
+"""Sampling as vLLM does it, on Hugging Face ``generate``: the model cards' presets, exact logits
+processors, sweeps over sampling parameters, and their plots.
 
-This first version passes HF's own sampling arguments through; presets, vLLM-exact penalties and
-sweeps are added by the sampling work.
+The sampler (vLLM ``v1/sample/sampler.py``), applied to the next-token logits ``[B, V]`` in this order:
+
+1. **penalties** (``vllm/model_executor/layers/utils.py: apply_penalties``)
+
+   - repetition: for every token seen in the prompt *or* the output,
+     ``logit / r`` when the logit is positive, ``logit * r`` otherwise;
+   - frequency and presence, over the *generated* tokens only (OpenAI's definition):
+     ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``.
+2. **temperature**: ``logit / T``; ``T = 0`` means greedy, the argmax of the penalised logits.
+3. **min_p**: drop tokens whose probability (after temperature) is below ``min_p * max_prob``.
+4. **top_k**: keep the tokens whose logit is at least the k-th largest (0 or -1: off).
+5. **top_p**: keep the smallest set of most likely tokens whose probability reaches ``top_p``
+   (the most likely token always stays).
+
+>>> kw = generation_kwargs(lab, {"preset": "qwen3.5-thinking-general"}, prompt_ids=ids)
+>>> lab.model.generate(ids, max_new_tokens=32, **kw)       # what lab.generate does
+>>> rows = sweep(lab, ["Name three colours."], grid={"temperature": [0.3, 1.0], "top_k": [5, 20]})
+>>> plot_sweep(rows, x="temperature")
+
+Unspecified parameters take the checkpoint's ``generation_config.json`` values (temperature,
+top_p, top_k, min_p, repetition_penalty), as vLLM's ``--generation-config auto`` does, and vLLM's
+defaults where the checkpoint is silent (1.0, 1.0, off, 0.0, 1.0; penalties 0).
 """
 
 from __future__ import annotations
 
-__all__ = ["generation_kwargs"]
+import difflib
+import itertools
+import math
+import numbers
+from dataclasses import asdict, dataclass, fields
 
-_HF_KEYS = {"temperature", "top_p", "top_k", "do_sample", "repetition_penalty", "min_p", "num_beams"}
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
+
+from . import chat_format
+
+__all__ = [
+    "PARAMETERS",
+    "PRESETS",
+    "STAGES",
+    "Preset",
+    "Sample",
+    "SamplingParams",
+    "apply_min_p",
+    "apply_penalties",
+    "apply_temperature",
+    "apply_top_k",
+    "apply_top_p",
+    "distinct_n",
+    "generation_kwargs",
+    "get_preset",
+    "logits_processors",
+    "plot_sweep",
+    "process",
+    "repeated_tokens",
+    "repetition_rate",
+    "resolve",
+    "sample",
+    "stages",
+    "sweep",
+]
+
+#: The sampling parameters, in the order vLLM applies them (penalties first).
+PARAMETERS = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+              "repetition_penalty")
+
+#: Processing steps whose next-token distribution ``stages`` returns, in order.
+STAGES = ("raw", "penalties", "temperature", "min_p", "top_k", "top_p")
+
+_VLLM_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "presence_penalty": 0.0,
+                  "frequency_penalty": 0.0, "repetition_penalty": 1.0}
+_RANGES = {  # name: (low, high, low inclusive, high inclusive, how it is written)
+    "temperature": (0.0, 2.0, True, True, "[0, 2] (0 = greedy)"),
+    "top_p": (0.0, 1.0, False, True, "(0, 1]"),
+    "min_p": (0.0, 1.0, True, True, "[0, 1]"),
+    "presence_penalty": (-2.0, 2.0, True, True, "[-2, 2]"),
+    "frequency_penalty": (-2.0, 2.0, True, True, "[-2, 2]"),
+    "repetition_penalty": (0.0, math.inf, False, True, "> 0 (1 = off)"),
+}
+
+
+# ============================================================================ parameters
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Validated sampling parameters with vLLM's meaning (see the module docstring).
+
+    Raises ``ValueError`` naming the value and its valid range: temperature in [0, 2], top_p in
+    (0, 1], top_k >= -1 (0 and -1 turn it off), min_p in [0, 1], presence and frequency penalties
+    in [-2, 2], repetition_penalty > 0.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        for name, (low, high, low_in, high_in, text) in _RANGES.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise TypeError(f"{name} must be a number in {text}, got {value!r}")
+            value = float(value)
+            ok = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
+            if not ok or math.isnan(value):
+                raise ValueError(f"{name}={value!r} is out of range; valid: {text}")
+            object.__setattr__(self, name, value)
+        k = self.top_k
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) and not (isinstance(k, float) and k.is_integer()):
+            raise TypeError(f"top_k must be an integer >= -1 (0 or -1 = off), got {k!r}")
+        if k < -1:
+            raise ValueError(f"top_k={k!r} is out of range; valid: an integer >= -1 (0 or -1 = off)")
+        object.__setattr__(self, "top_k", int(k))
+
+    @property
+    def greedy(self) -> bool:
+        """True when the temperature is 0: the argmax of the penalised logits."""
+        return self.temperature == 0.0
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A sampling preset of the model cards, with the thinking mode it is meant for."""
+
+    name: str
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    presence_penalty: float
+    repetition_penalty: float
+    enable_thinking: bool
+    description: str
+
+    @property
+    def params(self) -> SamplingParams:
+        return SamplingParams(**{f.name: getattr(self, f.name) for f in fields(SamplingParams)
+                                 if f.name != "frequency_penalty"})
+
+    def as_dict(self) -> dict:
+        """The six card values and ``enable_thinking``."""
+        return {"temperature": self.temperature, "top_p": self.top_p, "top_k": self.top_k, "min_p": self.min_p,
+                "presence_penalty": self.presence_penalty, "repetition_penalty": self.repetition_penalty,
+                "enable_thinking": self.enable_thinking}
+
+
+def _preset(name, t, p, k, m, pres, rep, thinking, description) -> tuple[str, Preset]:
+    return name, Preset(name, t, p, k, m, pres, rep, thinking, description)
+
+
+#: The sampling presets of the Qwen3.5 (9B and 0.8B) and Qwen3.6 (27B) model cards.
+PRESETS: dict[str, Preset] = dict([
+    _preset("qwen3.5-thinking-general", 1.0, 0.95, 20, 0.0, 1.5, 1.0, True,
+            "Qwen3.5, thinking mode, general tasks (also the 0.8B card's thinking text preset)"),
+    _preset("qwen3.5-thinking-precise-coding", 0.6, 0.95, 20, 0.0, 0.0, 1.0, True,
+            "Qwen3.5, thinking mode, precise coding such as WebDev (0.8B card: also thinking VL)"),
+    _preset("qwen3.5-instruct-general", 0.7, 0.8, 20, 0.0, 1.5, 1.0, False,
+            "Qwen3.5, instruct (non-thinking) mode, general tasks"),
+    _preset("qwen3.5-instruct-reasoning", 1.0, 1.0, 40, 0.0, 2.0, 1.0, False,
+            "Qwen3.5, instruct (non-thinking) mode, reasoning tasks"),
+    _preset("qwen3.5-0.8b-instruct-text", 1.0, 1.0, 20, 0.0, 2.0, 1.0, False,
+            "Qwen3.5-0.8B card, non-thinking mode, text tasks"),
+    _preset("qwen3.5-0.8b-instruct-vl", 0.7, 0.8, 20, 0.0, 1.5, 1.0, False,
+            "Qwen3.5-0.8B card, non-thinking mode, vision-language tasks"),
+    _preset("qwen3.6-thinking-general", 1.0, 0.95, 20, 0.0, 0.0, 1.0, True,
+            "Qwen3.6, thinking mode, general tasks"),
+    _preset("qwen3.6-thinking-precise-coding", 0.6, 0.95, 20, 0.0, 0.0, 1.0, True,
+            "Qwen3.6, thinking mode, precise coding such as WebDev"),
+    _preset("qwen3.6-instruct", 0.7, 0.8, 20, 0.0, 1.5, 1.0, False,
+            "Qwen3.6, instruct (non-thinking) mode"),
+])
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; an unknown name raises ``ValueError`` with the closest names."""
+    if isinstance(name, Preset):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"preset must be a preset name (str), got {type(name).__name__}")
+    if name not in PRESETS:
+        close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"unknown preset {name!r}{hint} Presets: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def _checkpoint_defaults(model) -> dict:
+    """Sampling defaults from a model's generation config, as vLLM's ``--generation-config auto``."""
+    config = getattr(model, "generation_config", None)
+    found = {}
+    for name in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty"):
+        value = getattr(config, name, None) if config is not None else None
+        if value is not None:
+            found[name] = value
+    return found
+
+
+def resolve(sampling: dict, *, defaults: dict | None = None) -> tuple[SamplingParams, bool | None, int | None]:
+    """``(params, enable_thinking, seed)`` from user arguments: defaults < preset < explicit values.
+
+    ``sampling`` holds any of ``PARAMETERS``, ``preset``, ``seed``, ``do_sample`` (False = greedy)
+    and ``enable_thinking``. Everything is checked before anything runs.
+    """
+    if not isinstance(sampling, dict):
+        raise TypeError(f"sampling arguments must be a dict, got {type(sampling).__name__}")
+    valid = set(PARAMETERS) | {"preset", "seed", "do_sample", "enable_thinking"}
+    unknown = set(sampling) - valid
+    if unknown:
+        hints = [f"{u!r} (did you mean {difflib.get_close_matches(u, valid, n=1)[0]!r}?)"
+                 if difflib.get_close_matches(u, valid, n=1) else repr(u) for u in sorted(unknown)]
+        raise TypeError(f"unknown sampling argument(s) {', '.join(hints)}; valid: {', '.join(sorted(valid))}")
+    merged = {**_VLLM_DEFAULTS, **(defaults or {})}
+    enable_thinking = None
+    if sampling.get("preset") is not None:
+        preset = get_preset(sampling["preset"])
+        merged.update(preset.params.as_dict())
+        enable_thinking = preset.enable_thinking
+    merged.update({k: v for k, v in sampling.items() if k in PARAMETERS})
+    do_sample = sampling.get("do_sample")
+    if do_sample is not None and not isinstance(do_sample, bool):
+        raise TypeError(f"do_sample must be True, False or None, got {do_sample!r}")
+    if do_sample is False:
+        merged["temperature"] = 0.0
+    params = SamplingParams(**merged)
+    if do_sample is True and params.greedy:
+        raise ValueError("do_sample=True with temperature=0 asks for sampling and greedy decoding at once; "
+                         "give a temperature in (0, 2] or drop do_sample")
+    if sampling.get("enable_thinking") is not None:
+        enable_thinking = sampling["enable_thinking"]
+        if not isinstance(enable_thinking, bool):
+            raise TypeError(f"enable_thinking must be True, False or None, got {enable_thinking!r}")
+    seed = sampling.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return params, enable_thinking, seed
+
+
+# ============================================================================ the sampler, as functions
+
+def _counts(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[B, V]`` occurrence counts of the token ids ``[B, N]`` (ids outside [0, V) are ignored)."""
+    counts = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.long, device=ids.device)
+    if ids.numel():
+        ids = ids.long()
+        ids = torch.where((ids < 0) | (ids >= vocab_size), vocab_size, ids)  # into the spare last column
+        counts.scatter_add_(1, ids, torch.ones_like(ids))
+    return counts[:, :vocab_size]
+
+
+def apply_penalties(logits: torch.Tensor, prompt_ids: torch.Tensor | None, output_ids: torch.Tensor | None, *,
+                    presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                    repetition_penalty: float = 1.0) -> torch.Tensor:
+    """vLLM's penalties on ``logits [B, V]`` (a new tensor).
+
+    ``prompt_ids [B, T]`` and ``output_ids [B, N]``: the repetition penalty covers both, the
+    frequency and presence penalties the generated ``output_ids`` only.
+    """
+    B, V = logits.shape
+    empty = torch.empty(B, 0, dtype=torch.long, device=logits.device)
+    prompt_ids = empty if prompt_ids is None else prompt_ids.to(logits.device)
+    output_ids = empty if output_ids is None else output_ids.to(logits.device)
+    out_counts = _counts(output_ids, V)  # [B, V]
+    logits = logits.clone()
+    if repetition_penalty != 1.0:
+        seen = (_counts(prompt_ids, V) > 0) | (out_counts > 0)
+        scaled = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(seen, scaled, logits)
+    if frequency_penalty:
+        logits = logits - frequency_penalty * out_counts.to(logits.dtype)
+    if presence_penalty:
+        logits = logits - presence_penalty * (out_counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``logits / T``; ``T = 0`` keeps only the argmax (greedy): every other logit becomes -inf."""
+    if temperature == 0:
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, logits.argmax(-1, keepdim=True), True)
+        return logits.masked_fill(~keep, -math.inf)
+    return logits / temperature
+
+
+def apply_min_p(logits: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens with probability below ``min_p * max_prob`` (probabilities of ``logits [B, V]``)."""
+    if min_p == 0:
+        return logits
+    probs = logits.float().softmax(-1)
+    return logits.masked_fill(probs < min_p * probs.amax(-1, keepdim=True), -math.inf)
+
+
+def apply_top_k(logits: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Keep the tokens whose logit is at least the k-th largest (ties stay); 0 or -1: unchanged."""
+    if top_k <= 0 or top_k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(top_k, dim=-1).values[..., -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, -math.inf)
+
+
+def apply_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose total probability reaches ``top_p``.
+
+    As vLLM: sort ascending, drop the tokens whose cumulative probability is ``<= 1 - top_p``;
+    the most likely token always stays.
+    """
+    if top_p >= 1.0:
+        return logits
+    n_finite = int(torch.isfinite(logits).sum(-1).max())
+    if 0 < n_finite < logits.shape[-1] // 2:  # after top_k / min_p: sort only the candidates left
+        values, index = logits.topk(n_finite, dim=-1)  # [B, n], descending
+        sorted_logits, order = values.flip(-1), index.flip(-1)
+    else:
+        sorted_logits, order = logits.sort(dim=-1, descending=False)
+    cumulative = sorted_logits.float().softmax(-1).cumsum(-1)
+    drop = cumulative <= 1 - top_p
+    drop[..., -1] = False
+    removed = torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, order, drop)
+    return logits.masked_fill(removed, -math.inf)
+
+
+def stages(logits: torch.Tensor, params: SamplingParams, *, prompt_ids=None, output_ids=None) -> dict:
+    """The logits after each step, ``{stage: [B, V]}`` for ``STAGES`` (raw → … → top_p).
+
+    With temperature 0 the "temperature" stage keeps only the argmax (greedy), and the later
+    stages leave it so.
+    """
+    out = {"raw": logits}
+    x = apply_penalties(logits, prompt_ids, output_ids, presence_penalty=params.presence_penalty,
+                        frequency_penalty=params.frequency_penalty, repetition_penalty=params.repetition_penalty)
+    out["penalties"] = x
+    out["temperature"] = x = apply_temperature(x, params.temperature)
+    out["min_p"] = x = apply_min_p(x, params.min_p)
+    out["top_k"] = x = apply_top_k(x, params.top_k)
+    out["top_p"] = apply_top_p(x, params.top_p)
+    return out
+
+
+def process(logits: torch.Tensor, params: SamplingParams, *, prompt_ids=None, output_ids=None) -> torch.Tensor:
+    """The logits ``[B, V]`` the next token is drawn from (softmax, then one multinomial draw)."""
+    return stages(logits, params, prompt_ids=prompt_ids, output_ids=output_ids)["top_p"]
+
+
+# ============================================================================ as HF logits processors
+
+class PenaltiesProcessor(LogitsProcessor):
+    """Repetition (prompt + output), frequency and presence (output only) penalties, as vLLM.
+
+    ``prompt_len``: the number of prompt tokens at the start of the ``input_ids`` HF passes in;
+    the tokens after them are the generated ones.
+    """
+
+    def __init__(self, prompt_len: int, *, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0):
+        self.prompt_len = int(prompt_len)
+        self.presence_penalty = presence_penalty
+        self.frequency_penalty = frequency_penalty
+        self.repetition_penalty = repetition_penalty
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] < self.prompt_len:
+            raise ValueError(f"PenaltiesProcessor was made for a {self.prompt_len}-token prompt but got "
+                             f"{input_ids.shape[1]} tokens; build the processors for this prompt")
+        return apply_penalties(scores, input_ids[:, :self.prompt_len], input_ids[:, self.prompt_len:],
+                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                               repetition_penalty=self.repetition_penalty)
+
+
+class TemperatureProcessor(LogitsProcessor):
+    """``scores / temperature`` (temperature > 0; 0 is greedy decoding, which needs no processor)."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+
+    def __call__(self, input_ids, scores):
+        return apply_temperature(scores, self.temperature)
+
+
+class MinPProcessor(LogitsProcessor):
+    """Drop tokens below ``min_p`` times the top probability."""
+
+    def __init__(self, min_p: float):
+        self.min_p = min_p
+
+    def __call__(self, input_ids, scores):
+        return apply_min_p(scores, self.min_p)
+
+
+class TopKProcessor(LogitsProcessor):
+    """Keep the k most likely tokens (ties at the k-th stay)."""
+
+    def __init__(self, top_k: int):
+        self.top_k = top_k
+
+    def __call__(self, input_ids, scores):
+        return apply_top_k(scores, self.top_k)
+
+
+class TopPProcessor(LogitsProcessor):
+    """Keep the smallest most-likely set reaching probability ``top_p``."""
+
+    def __init__(self, top_p: float):
+        self.top_p = top_p
+
+    def __call__(self, input_ids, scores):
+        return apply_top_p(scores, self.top_p)
+
+
+def logits_processors(params: SamplingParams, prompt_len: int) -> LogitsProcessorList:
+    """The processors for ``params``, in vLLM's order, leaving out the ones that change nothing.
+
+    Greedy (temperature 0) needs the penalties only: the argmax is the greedy choice.
+    """
+    procs = LogitsProcessorList()
+    if params.has_penalties:
+        procs.append(PenaltiesProcessor(prompt_len, presence_penalty=params.presence_penalty,
+                                        frequency_penalty=params.frequency_penalty,
+                                        repetition_penalty=params.repetition_penalty))
+    if params.greedy:
+        return procs
+    if params.temperature != 1.0:
+        procs.append(TemperatureProcessor(params.temperature))
+    if params.min_p > 0:
+        procs.append(MinPProcessor(params.min_p))
+    if params.top_k > 0:
+        procs.append(TopKProcessor(params.top_k))
+    if params.top_p < 1.0:
+        procs.append(TopPProcessor(params.top_p))
+    return procs
+
+
+# HF generate's own warpers and penalties, switched off so nothing is applied twice.
+_HF_OFF = ("temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h",
+           "repetition_penalty", "encoder_repetition_penalty", "no_repeat_ngram_size")
 
 
 def _eos_ids(model) -> list[int]:
@@ -18,16 +452,362 @@ def _eos_ids(model) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
-def generation_kwargs(lab, sampling: dict, *, prompt_ids=None) -> dict:
-    """HF ``generate`` kwargs for the user's sampling arguments (validated)."""
-    unknown = set(sampling) - _HF_KEYS
-    if unknown:
-        raise TypeError(f"unknown sampling argument(s) {', '.join(sorted(unknown))}; "
-                        f"valid: {', '.join(sorted(_HF_KEYS))}")
-    kw = dict(sampling)
-    if kw.get("temperature") == 0:
-        kw.pop("temperature")
-        kw["do_sample"] = False
+def generation_kwargs(lab, sampling: dict, *, prompt_ids: torch.Tensor | None = None) -> dict:
+    """Keyword arguments for HF ``generate`` that sample exactly as vLLM would.
+
+    ``sampling``: any of ``temperature, top_p, top_k, min_p, presence_penalty, frequency_penalty,
+    repetition_penalty``, ``preset=NAME``, ``seed`` (seeds torch's generator now, which
+    ``generate`` draws from) and ``do_sample`` (False = greedy). ``prompt_ids [B, T]``: the prompt,
+    for the penalties. Returns ``do_sample``, a ``logits_processor`` list that does all the
+    processing, HF's own warpers switched off, and ``pad_token_id`` when the model has none.
+    """
+    params, _, seed = resolve(sampling, defaults=_checkpoint_defaults(lab.model))
+    if prompt_ids is None and params.has_penalties:
+        raise ValueError("the penalties need the prompt: pass prompt_ids= (the [B, T] prompt token ids)")
+    prompt_len = 0 if prompt_ids is None else int(prompt_ids.shape[-1])
+    kw = {name: None for name in _HF_OFF}
+    kw.update(do_sample=not params.greedy, logits_processor=logits_processors(params, prompt_len))
     if lab.model.generation_config.pad_token_id is None and _eos_ids(lab.model):
         kw["pad_token_id"] = _eos_ids(lab.model)[0]
+    if seed is not None:
+        torch.manual_seed(seed)
     return kw
+
+
+# ============================================================================ one sample, with its measures
+
+def distinct_n(ids, n: int) -> float:
+    """Distinct-n (Li et al. 2016): unique n-grams / n-grams of a token sequence (1.0 when empty)."""
+    ids = list(ids)
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 1.0
+
+
+def repetition_rate(ids, n: int = 4) -> float:
+    """seq-rep-n (Welleck et al. 2019): 1 - unique n-grams / n-grams; 0 = no n-gram repeats."""
+    return 1.0 - distinct_n(ids, n)
+
+
+def repeated_tokens(ids) -> int:
+    """How many tokens of the sequence already appeared earlier in it (what presence_penalty punishes)."""
+    seen, repeats = set(), 0
+    for t in ids:
+        repeats += t in seen
+        seen.add(t)
+    return repeats
+
+
+class _EntropyRecorder(LogitsProcessor):
+    """Records the entropy (nats) of ``softmax(scores)`` at each step and changes nothing."""
+
+    def __init__(self):
+        self.values: list[torch.Tensor] = []
+
+    def __call__(self, input_ids, scores):
+        self.values.append(torch.special.entr(scores.float().softmax(-1)).sum(-1).cpu())  # [B]
+        return scores
+
+    def mean(self) -> float:
+        return float(torch.stack(self.values).mean()) if self.values else float("nan")
+
+
+class _CallbackStreamer(TextStreamer):
+    """Sends each finished piece of generated text to ``callback(text)``."""
+
+    def __init__(self, tokenizer, callback):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=False)
+        self.callback = callback
+
+    def on_finalized_text(self, text: str, stream_end: bool = False):
+        if text:
+            self.callback(text)
+
+
+@dataclass
+class Sample:
+    """One generation with its measures (what a sweep row holds)."""
+
+    text: str  # the generated text, special tokens kept
+    ids: list  # generated token ids
+    prompt_tokens: int
+    reasoning: str | None
+    answer: str
+    finished: bool  # ended on an end-of-turn token (not max_new_tokens)
+    finished_thinking: bool
+    reasoning_tokens: int
+    entropy: float  # mean entropy (nats) of the distribution each token was drawn from (greedy: 0)
+    entropy_raw: float  # mean entropy of the model's own next-token distribution
+    params: SamplingParams
+    enable_thinking: bool | None
+
+    def metrics(self, *, loop_threshold: float = 0.3) -> dict:
+        """distinct-1/2, seq-rep-4, repeated tokens and the thinking-loop flag over the generated tokens."""
+        ids = self._content_ids()
+        rate = repetition_rate(ids, 4)
+        return {"distinct_1": distinct_n(ids, 1), "distinct_2": distinct_n(ids, 2), "repetition_rate": rate,
+                "repeated_tokens": repeated_tokens(ids),
+                "thinking_loop": bool(self.reasoning is not None and not self.finished_thinking
+                                      and not self.finished and rate >= loop_threshold)}
+
+    def _content_ids(self) -> list:
+        return self.ids[:-1] if self.finished and self.ids else list(self.ids)
+
+
+def _check_positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def _model_inputs(lab, prompt, *, chat: bool, enable_thinking):
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        return lab.prepare([{"role": "user", "content": prompt}] if chat else prompt, enable_thinking=enable_thinking)
+    if isinstance(prompt, list):
+        return lab.prepare(prompt, enable_thinking=enable_thinking)
+    raise TypeError(f"a prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
+
+
+def sample(lab, prompt, *, max_new_tokens: int = 64, seed: int | None = None, chat: bool = True,
+           streamer=None, on_text=None, **sampling) -> Sample:
+    """Generate once from ``prompt`` (a user message, chat messages, or raw text with ``chat=False``).
+
+    ``sampling``: as :func:`generation_kwargs`, plus ``enable_thinking`` (default: the preset's,
+    else the chat template's). ``on_text(piece)`` receives the text as it is generated.
+    """
+    max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
+    params, enable_thinking, _ = resolve({**sampling, "seed": seed}, defaults=_checkpoint_defaults(lab.model))
+    inputs = _model_inputs(lab, prompt, chat=chat, enable_thinking=enable_thinking)
+    prompt_ids = inputs["input_ids"]  # [1, T]
+    if prompt_ids.shape[0] != 1:
+        raise ValueError(f"sample() takes one prompt at a time, got a batch of {prompt_ids.shape[0]}")
+    kw = generation_kwargs(lab, {**{k: v for k, v in sampling.items() if k != "enable_thinking"}, "seed": seed},
+                           prompt_ids=prompt_ids)
+    raw, final = _EntropyRecorder(), _EntropyRecorder()
+    kw["logits_processor"] = LogitsProcessorList([raw, *kw["logits_processor"], final])
+    if on_text is not None:
+        streamer = _CallbackStreamer(lab.tokenizer, on_text)
+    with torch.no_grad():
+        out = lab.model.generate(**inputs, max_new_tokens=max_new_tokens, streamer=streamer, **kw)
+    ids = out[0, prompt_ids.shape[1]:].tolist()
+    eos = set(_eos_ids(lab.model))
+    finished = bool(ids) and ids[-1] in eos
+    text = lab.tokenizer.decode(ids, skip_special_tokens=False)
+    clean = text
+    for end in ("<|im_end|>", "<|endoftext|>"):
+        clean = clean.split(end)[0]
+    opened = lab.tokenizer.decode(prompt_ids[0, -3:].tolist(), skip_special_tokens=False).endswith("<think>\n")
+    parsed = chat_format.parse_output(clean, prompt_opened_think=opened)
+    think_end = lab.tokenizer.convert_tokens_to_ids("</think>")
+    if parsed.reasoning is None:
+        reasoning_tokens = 0
+    elif think_end in ids:
+        reasoning_tokens = ids.index(think_end)
+    else:
+        reasoning_tokens = len(ids) - int(finished)
+    return Sample(text=text, ids=ids, prompt_tokens=int(prompt_ids.shape[1]), reasoning=parsed.reasoning,
+                  answer=parsed.answer, finished=finished, finished_thinking=parsed.finished_thinking,
+                  reasoning_tokens=reasoning_tokens, entropy=0.0 if params.greedy else final.mean(),
+                  entropy_raw=raw.mean(), params=params,
+                  enable_thinking=enable_thinking)
+
+
+# ============================================================================ sweeps
+
+_GRID_KEYS = set(PARAMETERS) | {"enable_thinking"}
+
+
+def _settings(grid, presets) -> list[dict]:
+    """Every combination: each preset (or none) as the base, the grid's values on top."""
+    if grid is None and presets is None:
+        raise ValueError("give grid={'temperature': [0.5, 1.0], ...} and/or presets=[...] to sweep over")
+    if grid is not None:
+        if not isinstance(grid, dict):
+            raise TypeError(f"grid must be a dict {{parameter: [values]}}, got {type(grid).__name__}")
+        if not grid:
+            raise ValueError(f"the grid is empty; give at least one parameter with values, e.g. "
+                             f"{{'temperature': [0.5, 1.0]}}. Parameters: {', '.join(sorted(_GRID_KEYS))}")
+        for key, values in grid.items():
+            if key not in _GRID_KEYS:
+                close = difflib.get_close_matches(str(key), _GRID_KEYS, n=1)
+                raise ValueError(f"unknown grid parameter {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                                 f"valid: {', '.join(sorted(_GRID_KEYS))}")
+            if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+                raise TypeError(f"grid[{key!r}] must be a list of values, got {values!r}")
+            if not list(values):
+                raise ValueError(f"grid[{key!r}] is empty; give at least one value")
+    if presets is not None:
+        if isinstance(presets, str) or not hasattr(presets, "__iter__"):
+            raise TypeError(f"presets must be a list of preset names, got {presets!r}")
+        presets = list(presets)
+        if not presets:
+            raise ValueError(f"presets is empty; choose from {', '.join(PRESETS)}")
+    bases = [{"preset": get_preset(p).name} for p in presets] if presets else [{}]
+    keys = list(grid or {})
+    combos = list(itertools.product(*[list(grid[k]) for k in keys])) if keys else [()]
+    settings = [{**base, **dict(zip(keys, combo))} for base in bases for combo in combos]
+    for s in settings:  # every setting is checked before the first generation
+        resolve(s)
+    return settings
+
+
+def _row(setting: dict, params: SamplingParams, enable_thinking, prompt_index, prompt, sample_index, seed) -> dict:
+    return {"prompt_index": prompt_index, "prompt": prompt if isinstance(prompt, str) else str(prompt),
+            "preset": setting.get("preset"), **params.as_dict(), "enable_thinking": enable_thinking,
+            "sample": sample_index, "seed": seed}
+
+
+def sweep(lab, prompts, *, grid: dict | None = None, presets=None, n: int = 1, seed: int = 0,
+          max_new_tokens: int = 64, chat: bool = True, progress: bool = True, loop_threshold: float = 0.3):
+    """Generate for every prompt × setting × sample and return tidy rows (a ``datasets.Dataset``).
+
+    ``grid``: ``{parameter: [values]}`` over ``PARAMETERS`` and ``enable_thinking``; every
+    combination is a setting. ``presets``: preset names; with a grid too, each preset is the base
+    the grid's values go on. ``n`` samples per setting, sample j seeded with ``seed + j`` (the
+    same seeds for every setting, so settings are compared on the same random numbers).
+    ``lab`` may also be an :class:`~qwen35_lab.backends.OpenAIBackend`: the same sweep against a
+    served model.
+
+    Columns: prompt_index, prompt, preset, the seven parameters (from a server: as sent, None
+    where the server's default applied), enable_thinking, sample, seed, text, ids, reasoning,
+    answer, finished, finished_thinking, prompt_tokens, generated_tokens, reasoning_tokens,
+    distinct_1, distinct_2, repetition_rate (seq-rep-4), repeated_tokens, entropy (of what each
+    token was drawn from; 0 when greedy), entropy_raw (the model's own; both mean nats, NaN from a
+    server), thinking_loop (reasoning cut off at max_new_tokens while repeating: seq-rep-4 >=
+    ``loop_threshold``).
+    """
+    from datasets import Dataset
+    from tqdm.auto import tqdm
+
+    from .backends import OpenAIBackend
+
+    if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)):
+        raise TypeError("prompts must be a list of prompts (str or chat messages), e.g. ['Name three colours.']")
+    if not prompts:
+        raise ValueError("prompts is empty; give at least one prompt")
+    n = _check_positive_int("n", n)
+    max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    settings = _settings(grid, presets)
+    remote = isinstance(lab, OpenAIBackend)
+    if remote:
+        for s in settings:  # a field the server cannot honour fails here, before any request
+            lab.request_body([{"role": "user", "content": "check"}], max_tokens=max_new_tokens,
+                             **{k: v for k, v in s.items()})
+    rows = []
+    bar = tqdm(total=len(prompts) * len(settings) * n, desc="sweep", disable=not progress)
+    try:
+        for setting in settings:
+            params, enable_thinking, _ = resolve(setting, defaults=None if remote else _checkpoint_defaults(lab.model))
+            for p_index, prompt in enumerate(prompts):
+                for j in range(n):
+                    row = _row(setting, params, enable_thinking, p_index, prompt, j, seed + j)
+                    if remote:
+                        row.update(_remote_measures(lab, prompt, setting, seed + j, max_new_tokens, loop_threshold))
+                        sent = row.pop("_request")
+                        row.update({name: sent.get(name) for name in PARAMETERS})  # what the server was told
+                    else:
+                        s = sample(lab, prompt, max_new_tokens=max_new_tokens, seed=seed + j, chat=chat, **setting)
+                        row["enable_thinking"] = s.enable_thinking
+                        row.update(text=s.text, ids=list(s.ids), reasoning=s.reasoning, answer=s.answer,
+                                   finished=s.finished,
+                                   finished_thinking=s.finished_thinking, prompt_tokens=s.prompt_tokens,
+                                   generated_tokens=len(s.ids), reasoning_tokens=s.reasoning_tokens,
+                                   **s.metrics(loop_threshold=loop_threshold),
+                                   entropy=s.entropy, entropy_raw=s.entropy_raw)
+                    rows.append(row)
+                    bar.update(1)
+    finally:
+        bar.close()
+    return Dataset.from_list(rows)
+
+
+def _remote_measures(backend, prompt, setting, seed, max_new_tokens, loop_threshold) -> dict:
+    """One served completion and its measures (tokens counted with the Qwen3.5 tokenizer)."""
+    from .tokenizer import get_tokenizer
+
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+    result = backend.chat(messages, max_tokens=max_new_tokens, seed=seed, **setting)
+    tok = get_tokenizer()
+    reasoning_ids = tok(result.reasoning or "", add_special_tokens=False)["input_ids"]
+    ids = reasoning_ids + tok(result.answer, add_special_tokens=False)["input_ids"]
+    finished = result.finish_reason == "stop"
+    unfinished_thinking = result.reasoning is not None and not result.answer and not finished
+    rate = repetition_rate(ids, 4)
+    usage = result.usage or {}
+    return {"_request": result.request, "text": result.text, "ids": ids, "reasoning": result.reasoning,
+            "answer": result.answer, "finished": finished,
+            "finished_thinking": not unfinished_thinking, "prompt_tokens": int(usage.get("prompt_tokens", -1)),
+            "generated_tokens": int(usage.get("completion_tokens", len(ids))),
+            "reasoning_tokens": len(reasoning_ids) if result.reasoning is not None else 0,
+            "distinct_1": distinct_n(ids, 1), "distinct_2": distinct_n(ids, 2), "repetition_rate": rate,
+            "repeated_tokens": repeated_tokens(ids), "entropy": float("nan"), "entropy_raw": float("nan"),
+            "thinking_loop": bool(unfinished_thinking and rate >= loop_threshold)}
+
+
+_METRICS = ("distinct_2", "repetition_rate", "entropy", "generated_tokens")
+
+
+def plot_sweep(rows, *, x: str | None = None, metrics=_METRICS, by: str | None = None):
+    """Metrics against one parameter: one panel per metric, mean ± std over prompts and samples.
+
+    ``rows``: what :func:`sweep` returns (or a pandas DataFrame of it). ``x``: the parameter on
+    the x axis (default: the first that varies; ``"preset"`` gives bars). ``by``: a parameter
+    drawn as separate lines (default: the other varying parameters, combined).
+    Returns a matplotlib ``Figure``.
+    """
+    import numpy as np
+
+    from .viz import _new_figure
+
+    df = rows.to_pandas() if hasattr(rows, "to_pandas") else rows
+    if not hasattr(df, "groupby"):
+        raise TypeError(f"rows must be what sweep() returns (a datasets.Dataset) or a DataFrame, "
+                        f"got {type(rows).__name__}")
+    if len(df) == 0:
+        raise ValueError("rows is empty: nothing to plot")
+    candidates = ["preset", *PARAMETERS, "enable_thinking"]
+    varying = [c for c in candidates if c in df and df[c].astype(str).nunique() > 1]
+    if x is None:
+        if not varying:
+            raise ValueError("no parameter varies across the rows; pass x=")
+        x = varying[0]
+    if x not in df:
+        raise ValueError(f"x={x!r} is not a column; choose from {', '.join(c for c in candidates if c in df)}")
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    missing = [m for m in metrics if m not in df]
+    if missing:
+        raise ValueError(f"unknown metric(s) {missing}; columns: {', '.join(df.columns)}")
+    others = [c for c in varying if c != x] if by is None else [by]
+    for c in others:
+        if c not in df:
+            raise ValueError(f"by={c!r} is not a column")
+    df = df.copy()
+    df["_line"] = df[others].astype(str).agg(", ".join, axis=1) if others else "all"
+    df["_x"] = df[x].astype(str) if x in ("preset", "enable_thinking") else df[x]
+    categorical = df["_x"].dtype == object
+    fig = _new_figure((4.2 * len(metrics), 3.4))
+    axes = fig.subplots(1, len(metrics), squeeze=False)[0]
+    lines = list(dict.fromkeys(df["_line"]))
+    levels = list(dict.fromkeys(df["_x"])) if categorical else sorted(df["_x"].unique())
+    for ax, metric in zip(axes, metrics):
+        for i, line in enumerate(lines):
+            part = df[df["_line"] == line]
+            stats = part.groupby("_x")[metric].agg(["mean", "std"]).reindex(levels)
+            label = f"{', '.join(others)} = {line}" if others else None
+            if categorical:
+                width = 0.8 / len(lines)
+                pos = np.arange(len(levels)) + (i - (len(lines) - 1) / 2) * width
+                ax.bar(pos, stats["mean"], width=width, yerr=stats["std"].fillna(0), label=label)
+            else:
+                ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
+                            label=label)
+        if categorical:
+            ax.set_xticks(range(len(levels)), levels, rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel(x)
+        ax.set_title(metric, fontsize=10)
+    if others and len(lines) > 1:
+        axes[-1].legend(fontsize=7)
+    return fig
