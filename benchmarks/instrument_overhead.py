@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -76,6 +77,7 @@ def main() -> None:
             model(input_ids=ids, use_cache=False)
         return tr
 
+    load_before = os.getloadavg()[0]  # timings mean little on a busy machine: record how busy it was
     runs = {"plain": [], "off": [], "gates+": []}
     tr = gates()  # warm-up and a check that the capture happened
     n_state_layers = len([n for n in tr.names if n.endswith("deltanet.state")])
@@ -105,6 +107,7 @@ def main() -> None:
         "dtype": args.dtype, "length": args.length, "device": args.device,
         "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or platform.machine(),
         "threads": args.threads, "repeats": args.repeats, "torch": torch.__version__,
+        "load_average_before_after": [load_before, os.getloadavg()[0]],
         "capture": capture, "state_layers_captured": n_state_layers,
         "seconds": runs, "median_seconds": med, "ratio_vs_plain": ratios, "goal": goals,
         "meets_goal": {k: ratios[k] <= goals[k] for k in goals},
