@@ -1,0 +1,274 @@
+"""What YaRN does to each rotary frequency, computed from the YaRN paper's definitions.
+
+Frequency ``i`` of ``d`` rotary dims turns by ``ω_i = θ^(-2i/d)`` radians per
+token; its wavelength is ``λ_i = 2π / ω_i`` tokens. In a model trained for
+``L`` tokens it makes ``r_i = L / λ_i`` turns over the whole context. YaRN
+(Peng et al., 2023, "NTK-by-parts") leaves fast frequencies alone (many turns:
+their relative angles were all seen in training), divides slow ones by the
+scale factor ``s`` (less than one turn: positions beyond ``L`` would give
+unseen angles), and blends in between:
+
+    ω'_i = (1 - γ_i) · ω_i + γ_i · ω_i / s
+
+with ``γ_i`` a linear ramp in the frequency index between the indices where
+``r = beta_fast`` (γ = 0) and ``r = beta_slow`` (γ = 1). The index of ``r``
+turns is ``d · ln(L / (2π r)) / (2 ln θ)``; like transformers (``truncate``,
+the default) the lower bound is floored and the upper one ceiled. Logits are
+sharpened back by the attention factor ``0.1 ln s + 1`` (1.1386 at ``s = 4``),
+which multiplies cos and sin, so ``q·k`` grows by its square.
+
+On the released models (θ = 1e7, d = 64, L = 262,144, s = 4): frequencies
+0–14 are kept, 15–21 ramp, 22–31 are divided by 4.
+
+:func:`rope_frequencies` returns the numbers, :func:`rope_table` one row per
+frequency (with its M-RoPE axis), :func:`plot_rope_frequencies` and
+:func:`plot_rope_decay` the pictures.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from .rope import _hf_inv_freq, _validate, rotary_dim, text_config_of
+
+__all__ = ["RopeTable", "mrope_axes", "plot_rope_decay", "plot_rope_frequencies", "rope_frequencies",
+           "rope_table", "yarn_attention_factor", "yarn_inv_freq"]
+
+KEEP, RAMP, INTERPOLATE = "keep", "ramp", "interpolate"
+COLORS = {KEEP: "tab:blue", RAMP: "tab:orange", INTERPOLATE: "tab:red"}
+
+
+def yarn_attention_factor(factor: float, *, attention_factor=None, mscale=None, mscale_all_dim=None) -> float:
+    """YaRN's logit sharpening: ``0.1 ln(factor) + 1`` (or the given ``attention_factor``)."""
+    if attention_factor is not None:
+        return float(attention_factor)
+
+    def m(scale, k=1.0):
+        return 1.0 if scale <= 1 else 0.1 * k * math.log(scale) + 1.0
+
+    if mscale and mscale_all_dim:
+        return m(factor, mscale) / m(factor, mscale_all_dim)
+    return m(factor)
+
+
+def yarn_inv_freq(rope_parameters: dict, dim: int) -> dict:
+    """YaRN frequencies of ``dim`` rotary dims from ``rope_parameters`` (float64, from the definitions above).
+
+    Returns ``{"inv_freq", "inv_freq_default", "gamma", "low", "high", "attention_factor"}``:
+    ``inv_freq`` / ``inv_freq_default`` / ``gamma`` are ``[dim / 2]`` tensors (``gamma`` = the
+    interpolated fraction, 0 kept … 1 divided by the factor); ``low`` / ``high`` the ramp's ends.
+    """
+    theta = float(rope_parameters["rope_theta"])
+    s = float(rope_parameters["factor"])
+    L = float(rope_parameters["original_max_position_embeddings"])
+    beta_fast = float(rope_parameters.get("beta_fast") or 32)
+    beta_slow = float(rope_parameters.get("beta_slow") or 1)
+    truncate = rope_parameters.get("truncate", True)
+    n = dim // 2
+    i = torch.arange(n, dtype=torch.float64)
+    omega = theta ** (-2.0 * i / dim)  # radians per token
+
+    def index_of_turns(turns: float) -> float:
+        return dim * math.log(L / (2 * math.pi * turns)) / (2 * math.log(theta))
+
+    low, high = index_of_turns(beta_fast), index_of_turns(beta_slow)
+    if truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if high == low:
+        high += 0.001
+    gamma = ((i - low) / (high - low)).clamp(0, 1)
+    inv_freq = (1 - gamma) * omega + gamma * omega / s
+    factor_a = yarn_attention_factor(s, attention_factor=rope_parameters.get("attention_factor"),
+                                     mscale=rope_parameters.get("mscale"),
+                                     mscale_all_dim=rope_parameters.get("mscale_all_dim"))
+    return {"inv_freq": inv_freq, "inv_freq_default": omega, "gamma": gamma, "low": low, "high": high,
+            "attention_factor": factor_a}
+
+
+def mrope_axes(n_frequencies: int, mrope_section=(11, 11, 10)) -> list[str]:
+    """The M-RoPE axis (``"T"``, ``"H"``, ``"W"``) of each frequency, interleaved as Qwen3.5 does.
+
+    H takes frequencies ``1, 4, 7, …`` (``mrope_section[1]`` of them), W ``2, 5, 8, …``
+    (``mrope_section[2]``), T the rest (``0, 3, 6, …``). For text all three axes carry the
+    same position, so the axis matters only for images and video.
+    """
+    axes = ["T"] * n_frequencies
+    for axis, offset in (("H", 1), ("W", 2)):
+        for j in range(offset, min(3 * mrope_section[offset], n_frequencies), 3):
+            axes[j] = axis
+    return axes
+
+
+def _scaled_config(obj, rope):
+    text = copy.deepcopy(text_config_of(obj))
+    if rope is not None:
+        text.rope_parameters = _validate(rope, text)
+    return text
+
+
+def rope_frequencies(obj, rope: dict | None = None) -> dict:
+    """Per-frequency numbers of ``obj``'s RoPE (or of ``rope`` merged into it, without changing ``obj``).
+
+    Returns ``{"inv_freq", "inv_freq_default", "gamma", "attention_factor", "original_context",
+    "factor", "rope_type", "rotary_dim", "axes"}`` with ``[rotary_dim / 2]`` float64 tensors.
+    Default and linear RoPE and YaRN are computed here from their definitions; other types
+    take transformers' frequencies and classify them by their ratio to the default ones.
+    """
+    text = _scaled_config(obj, rope)
+    params = text.rope_parameters
+    rope_type = params.get("rope_type", "default")
+    dim = rotary_dim(text)
+    n = dim // 2
+    theta = float(params["rope_theta"])
+    omega = theta ** (-2.0 * torch.arange(n, dtype=torch.float64) / dim)
+    factor = float(params.get("factor", 1.0)) if rope_type != "default" else 1.0
+    original = int(params.get("original_max_position_embeddings") or text.max_position_embeddings)
+    if rope_type == "default":
+        inv, gamma, att = omega, torch.zeros(n, dtype=torch.float64), 1.0
+    elif rope_type == "linear":
+        inv, gamma, att = omega / factor, torch.ones(n, dtype=torch.float64), 1.0
+    elif rope_type == "yarn":
+        y = yarn_inv_freq(params, dim)
+        inv, gamma, att = y["inv_freq"], y["gamma"], y["attention_factor"]
+    else:
+        hf_inv, att = _hf_inv_freq(text)
+        inv = hf_inv.double()
+        # fraction interpolated in log space: 0 kept, 1 divided by the factor
+        gamma = (torch.log(omega / inv) / math.log(factor)).clamp(0, 1) if factor > 1 else torch.zeros(n)
+    return {"inv_freq": inv, "inv_freq_default": omega, "gamma": gamma, "attention_factor": float(att),
+            "original_context": original, "factor": factor, "rope_type": rope_type, "rotary_dim": dim,
+            "axes": mrope_axes(n, params.get("mrope_section", [11, 11, 10]))}
+
+
+def _treatment(gamma: float) -> str:
+    if gamma <= 1e-9:
+        return KEEP
+    if gamma >= 1 - 1e-9:
+        return INTERPOLATE
+    return RAMP
+
+
+class RopeTable(list):
+    """Rows (dicts) of :func:`rope_table`, printed as a table; ``.meta`` holds the shared numbers."""
+
+    def __init__(self, rows, meta):
+        super().__init__(rows)
+        self.meta = meta
+
+    def column(self, name: str) -> list:
+        return [r[name] for r in self]
+
+    def __repr__(self) -> str:
+        m = self.meta
+        head = (f"RoPE {m['rope_type']!r}, factor {m['factor']:g}, original context {m['original_context']:,}, "
+                f"attention factor {m['attention_factor']:.4f}, {m['rotary_dim']} rotary dims")
+        cols = f"{'i':>3} {'dims':>8} {'axis':>4} {'wavelength':>12} {'turns in L':>11} {'treatment':>11} " \
+               f"{'γ':>5} {'new wavelength':>15}"
+        lines = [head, cols]
+        for r in self:
+            lines.append(f"{r['i']:>3} {str(r['dims']):>8} {r['axis']:>4} {r['wavelength']:>12.4g} "
+                         f"{r['turns_in_original']:>11.4g} {r['treatment']:>11} {r['gamma']:>5.2f} "
+                         f"{r['scaled_wavelength']:>15.4g}")
+        return "\n".join(lines)
+
+
+def rope_table(obj, rope: dict | None = None) -> RopeTable:
+    """One row per rotary frequency of a Lab / model / config (with ``rope`` merged in if given).
+
+    Row fields: ``i``; ``dims`` (the two head dims it rotates: ``i`` and ``i + rotary_dim/2``,
+    transformers' rotate-half layout); ``axis`` (M-RoPE T/H/W); ``inv_freq`` (radians per
+    token, before scaling); ``wavelength`` (tokens); ``turns_in_original`` (turns over the
+    original context); ``treatment`` (``keep`` / ``ramp`` / ``interpolate``); ``gamma`` (the
+    interpolated fraction); ``scaled_inv_freq``; ``scaled_wavelength``; ``ratio`` (scaled /
+    original frequency).
+    """
+    f = rope_frequencies(obj, rope)
+    half = f["rotary_dim"] // 2
+    rows = []
+    for i in range(half):
+        omega, new = float(f["inv_freq_default"][i]), float(f["inv_freq"][i])
+        g = float(f["gamma"][i])
+        rows.append({
+            "i": i, "dims": (i, i + half), "axis": f["axes"][i], "inv_freq": omega,
+            "wavelength": 2 * math.pi / omega, "turns_in_original": f["original_context"] * omega / (2 * math.pi),
+            "treatment": _treatment(g), "gamma": g, "scaled_inv_freq": new,
+            "scaled_wavelength": 2 * math.pi / new, "ratio": new / omega,
+        })
+    meta = {k: f[k] for k in ("rope_type", "factor", "original_context", "attention_factor", "rotary_dim")}
+    return RopeTable(rows, meta)
+
+
+# ------------------------------------------------------------------- plots
+def _scaled_table(obj, rope):
+    """The rope table of a scaled RoPE (its rows hold the frequencies before and after scaling)."""
+    after = rope_table(obj, rope)
+    if after.meta["rope_type"] == "default":
+        raise ValueError("the RoPE is 'default' (nothing scaled); pass rope=yarn_for_context(...) to compare")
+    return after
+
+
+def plot_rope_frequencies(obj, rope: dict | None = None, ax=None):
+    """Wavelength of every rotary frequency (log scale) before and after scaling, coloured keep /
+    ramp / interpolate, with the original and the extended context marked. Returns the Figure."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    table = _scaled_table(obj, rope)
+    m = table.meta
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 4))
+    idx = table.column("i")
+    colors = [COLORS[t] for t in table.column("treatment")]
+    ax.scatter(idx, table.column("wavelength"), c="none", edgecolors=colors, s=36, label="original")
+    ax.scatter(idx, table.column("scaled_wavelength"), c=colors, s=16, label=f"{m['rope_type']} ×{m['factor']:g}")
+    ax.axhline(m["original_context"], color="grey", ls="--", lw=1)
+    ax.axhline(m["original_context"] * m["factor"], color="grey", ls=":", lw=1)
+    ax.text(0, m["original_context"], f" original context {m['original_context']:,}", va="bottom", fontsize=8)
+    ax.text(0, m["original_context"] * m["factor"], f" ×{m['factor']:g} = {int(m['original_context'] * m['factor']):,}",
+            va="bottom", fontsize=8)
+    ax.set_yscale("log")
+    ax.set_xlabel("rotary frequency i (dims i and i + d/2)")
+    ax.set_ylabel("wavelength (tokens)")
+    ax.set_title(f"RoPE wavelengths, {m['rope_type']} ×{m['factor']:g} (attention factor {m['attention_factor']:.4f})")
+    handles = [Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in COLORS.items()]
+    handles += [Line2D([], [], marker="o", ls="", mfc="none", mec="k", label="before"),
+                Line2D([], [], marker="o", ls="", color="k", label="after")]
+    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.92))
+    fig.tight_layout()
+    return fig
+
+
+def rotated_similarity(inv_freq: torch.Tensor, distances: torch.Tensor, attention_factor: float = 1.0) -> torch.Tensor:
+    """``a² · mean_i cos(ω_i Δ)``: the dot product of a unit vector (isotropic over the rotary pairs)
+    with itself rotated by ``Δ`` tokens, relative to ``Δ = 0`` without scaling. ``[len(distances)]``."""
+    return attention_factor**2 * torch.cos(distances.double()[:, None] * inv_freq.double()[None, :]).mean(-1)
+
+
+def plot_rope_decay(obj, rope: dict | None = None, max_distance: int | None = None, ax=None, points: int = 4000):
+    """How ``q · R(Δ) q`` falls with distance ``Δ`` before and after scaling (see
+    :func:`rotated_similarity`), on a log distance axis up to ``max_distance`` (default: twice
+    the extended context). Returns the Figure."""
+    import matplotlib.pyplot as plt
+
+    table = _scaled_table(obj, rope)
+    f = rope_frequencies(obj, rope)
+    m = table.meta
+    extended = int(m["original_context"] * m["factor"])
+    top = max_distance or 2 * extended
+    d = torch.logspace(0, math.log10(top), points)
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 4))
+    ax.plot(d, rotated_similarity(f["inv_freq_default"], d), lw=0.8, label="original RoPE")
+    ax.plot(d, rotated_similarity(f["inv_freq"], d, f["attention_factor"]), lw=0.8,
+            label=f"{m['rope_type']} ×{m['factor']:g} (× attention factor²)")
+    ax.axvline(m["original_context"], color="grey", ls="--", lw=1)
+    ax.axvline(extended, color="grey", ls=":", lw=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("distance Δ (tokens)")
+    ax.set_ylabel("mean cos(ω Δ)  (rotated dot product)")
+    ax.set_title("Rotated-vector similarity against distance")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
