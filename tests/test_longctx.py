@@ -431,3 +431,16 @@ def test_rope_plots():
     assert sim[0] == 1 and sim[1] == pytest.approx((torch.cos(torch.tensor(1.0)) + torch.cos(torch.tensor(0.5))) / 2)
     with pytest.raises(ValueError, match="nothing scaled"):
         lc.plot_rope_frequencies(config)
+
+
+def test_lab_methods_reach_the_same_functions(lab):
+    assert lab.max_context == lc.max_context(lab) == configs.NATIVE_CONTEXT
+    assert lab.rope == lc.rope_info(lab) and lab.rope.rope_type == "default"
+    ids = torch.randint(0, 5000, (1, 40), generator=torch.Generator().manual_seed(6))
+    torch.testing.assert_close(lab.prefill(ids, chunk_size=16, progress=False).logits,
+                               lc.chunked_prefill(lab, ids, chunk_size=40, progress=False).logits,
+                               rtol=1e-5, atol=1e-5)
+    try:
+        assert lab.set_rope(lc.yarn_for_context(1000, original=250)).max_context == 1000 == lab.max_context
+    finally:
+        lab.set_rope(None)

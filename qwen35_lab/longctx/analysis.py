@@ -236,7 +236,7 @@ def plot_rope_frequencies(obj, rope: dict | None = None, ax=None):
     handles = [Line2D([], [], marker="o", ls="", color=c, label=k) for k, c in COLORS.items()]
     handles += [Line2D([], [], marker="o", ls="", mfc="none", mec="k", label="before"),
                 Line2D([], [], marker="o", ls="", color="k", label="after")]
-    ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(0.0, 0.92))
+    ax.legend(handles=handles, fontsize=8, loc="lower right")
     fig.tight_layout()
     return fig
 
