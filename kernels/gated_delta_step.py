@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen35_lab.ops.gated_delta import L2NORM_EPS, _check_scale, _check_shape, _check_tensor
+from qwen35_lab.ops.gated_delta import L2NORM_EPS, _check_scale, check_step_inputs
 
 from ._common import block, check_device, check_head_dim, check_kernel_dtypes
 
@@ -71,35 +71,6 @@ def _step_kernel(
     tl.store(o + (i_b * HV + i_hv) * V + cv, out.to(o.dtype.element_ty), mask=mask_v)
 
 
-def _check_step_inputs(q, k, v, g, beta, state, in_place):
-    """The torch reference's checks, in its order and words; returns ``(B, H, HV, K, V)``."""
-    _check_tensor("q", q, 3, "[B, H, K]")
-    _check_tensor("k", k, 3, "[B, H, K]")
-    _check_tensor("v", v, 3, "[B, HV, V]")
-    _check_tensor("g", g, 2, "[B, HV]")
-    _check_tensor("beta", beta, 2, "[B, HV]")
-    _check_tensor("state", state, 4, "[B, HV, K, V]")
-    B, H, K = k.shape
-    HV, V = v.shape[1:]
-    _check_shape("q", q, (B, H, K), "[B, H, K] like k")
-    if v.shape[0] != B:
-        raise ValueError(f"v has shape {tuple(v.shape)}, expected [B, HV, V] with B = {B} like k")
-    if HV % H != 0:
-        raise ValueError(
-            f"the number of value heads HV = {HV} (v shape {tuple(v.shape)}) must be a multiple of the "
-            f"number of key heads H = {H} (k shape {tuple(k.shape)})"
-        )
-    _check_shape("g", g, (B, HV), "[B, HV]")
-    _check_shape("beta", beta, (B, HV), "[B, HV]")
-    _check_shape("state", state, (B, HV, K, V), "[B, HV, K, V]")
-    devices = {x.device for x in (q, k, v, g, beta, state)}
-    if len(devices) > 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
-    if in_place and state.dtype != torch.float32:
-        raise TypeError(f"an in-place update needs a float32 state, got {state.dtype}; pass in_place=False")
-    return B, H, HV, K, V
-
-
 def recurrent_gated_delta_step(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -123,7 +94,7 @@ def recurrent_gated_delta_step(
         o ``[B, HV, V]`` in ``q.dtype``; with ``in_place=False`` the pair ``(o, new_state)``
         (fp32, contiguous) and ``state`` is left untouched.
     """
-    B, H, HV, K, V = _check_step_inputs(q, k, v, g, beta, state, in_place)
+    B, H, HV, K, V = check_step_inputs(q, k, v, g, beta, state, in_place)
     _check_scale(scale)
     check_head_dim("K", K)
     check_kernel_dtypes(q=q, k=k, v=v, g=g, beta=beta, state=state)

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 
 from qwen35_lab import sampling as S
 from qwen35_lab.backends import (SERVERS, BackendError, OpenAIBackend, ServerUnreachableError,
@@ -28,16 +27,6 @@ from qwen35_lab.backends import (SERVERS, BackendError, OpenAIBackend, ServerUnr
 PROMPT = "Name three colours."
 MESSAGES = [{"role": "user", "content": PROMPT}]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny organism's matrices are too small to share among threads: on a busy 2-core machine a
-    second thread costs several times the work (measured: a 16-setting sweep, 9 s CPU on one
-    thread, 55 s on two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # The request fields of the servers' chat-completions schemas (the oracle), copied from:
 # vLLM  vllm/entrypoints/openai/chat_completion/protocol.py, class ChatCompletionRequest

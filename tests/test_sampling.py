@@ -24,17 +24,6 @@ PROMPT = "Name three colours."
 MESSAGES = [{"role": "user", "content": PROMPT}]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny organism's matrices are too small to share among threads: on a busy 2-core machine a
-    second thread costs several times the work (measured: a 16-setting sweep, 9 s CPU on one
-    thread, 55 s on two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ============================================================================ presets vs the cards
 
 _VALUES_KV = (r"\s*temperature=([\d.]+),\s*top_p=([\d.]+),\s*top_k=(\d+),\s*min_p=([\d.]+),"

@@ -372,29 +372,8 @@ def chunk_gated_delta_rule(
 # ----------------------------------------------------------------------------- decode step
 
 
-def recurrent_gated_delta_step(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    beta: torch.Tensor,
-    state: torch.Tensor,
-    *,
-    use_qk_l2norm: bool = True,
-    scale: float | None = None,
-    in_place: bool = True,
-):
-    """One token of the gated delta rule (single-token decode).
-
-    Args:
-        q, k: ``[B, H, K]``.  v: ``[B, HV, V]``.  g, beta: ``[B, HV]``.
-        state: ``[B, HV, K, V]`` fp32, the state before this token.
-        in_place: update ``state`` in place (it must then be fp32).
-
-    Returns:
-        o ``[B, HV, V]`` in ``q.dtype``; with ``in_place=False`` the pair ``(o, new_state)``
-        and ``state`` is left untouched.
-    """
+def check_step_inputs(q, k, v, g, beta, state, in_place: bool) -> tuple[int, int, int, int, int]:
+    """Validate the inputs of a single decode step (shared with the Triton kernel); ``(B, H, HV, K, V)``."""
     _check_tensor("q", q, 3, "[B, H, K]")
     _check_tensor("k", k, 3, "[B, H, K]")
     _check_tensor("v", v, 3, "[B, HV, V]")
@@ -419,6 +398,33 @@ def recurrent_gated_delta_step(
         raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
     if in_place and state.dtype != torch.float32:
         raise TypeError(f"an in-place update needs a float32 state, got {state.dtype}; pass in_place=False")
+    return B, H, HV, K, V
+
+
+def recurrent_gated_delta_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    use_qk_l2norm: bool = True,
+    scale: float | None = None,
+    in_place: bool = True,
+):
+    """One token of the gated delta rule (single-token decode).
+
+    Args:
+        q, k: ``[B, H, K]``.  v: ``[B, HV, V]``.  g, beta: ``[B, HV]``.
+        state: ``[B, HV, K, V]`` fp32, the state before this token.
+        in_place: update ``state`` in place (it must then be fp32).
+
+    Returns:
+        o ``[B, HV, V]`` in ``q.dtype``; with ``in_place=False`` the pair ``(o, new_state)``
+        and ``state`` is left untouched.
+    """
+    B, H, HV, K, V = check_step_inputs(q, k, v, g, beta, state, in_place)
     _check_scale(scale)
     scale = K**-0.5 if scale is None else float(scale)
 
