@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
 
-from . import chat_format
+from . import chat_format, checks
 
 __all__ = [
     "PARAMETERS",
@@ -659,92 +659,92 @@ def _row(setting: dict, params: SamplingParams, enable_thinking, prompt_index, p
 
 
 def sweep(lab, prompts, *, grid: dict | None = None, presets=None, n: int = 1, seed: int = 0,
-          max_new_tokens: int = 64, chat: bool = True, progress: bool = True, loop_threshold: float = 0.3):
+          max_new_tokens: int = 64, chat: bool = True, progress: bool = True, loop_threshold: float = 0.3,
+          column: str | None = None, concurrency: int | None = None, output=None):
     """Generate for every prompt × setting × sample and return tidy rows (a ``datasets.Dataset``).
 
-    ``grid``: ``{parameter: [values]}`` over ``PARAMETERS`` and ``enable_thinking``; every
-    combination is a setting. ``presets``: preset names; with a grid too, each preset is the base
-    the grid's values go on. ``n`` samples per setting, sample j seeded with ``seed + j`` (the
-    same seeds for every setting, so settings are compared on the same random numbers).
+    ``prompts``: a list of prompts (str, or chat messages), or a ``datasets.Dataset`` whose
+    ``column`` holds them. ``grid``: ``{parameter: [values]}`` over ``PARAMETERS`` and
+    ``enable_thinking``; every combination is a setting. ``presets``: preset names; with a grid
+    too, each preset is the base the grid's values go on. ``n`` samples per setting, sample j
+    seeded with ``seed + j`` (the same seeds for every setting, so settings are compared on the
+    same random numbers).
+
     ``lab`` may also be an :class:`~qwen35_lab.backends.OpenAIBackend`: the same sweep against a
-    served model.
+    served model, with up to ``concurrency`` requests in flight (default
+    ``sweeps.DEFAULT_CONCURRENCY``; at most ``sweeps.MAX_CONCURRENCY``; a local ``Lab`` generates
+    one row at a time). A request that fails past its retries is kept as a row with its
+    ``error``. ``output``: a ``.parquet`` or ``.arrow`` file the rows stream to as they come;
+    the same sweep run again with the same output skips the rows already there and finishes the
+    rest (see :mod:`qwen35_lab.sweeps`).
 
-    Columns: prompt_index, prompt, preset, the seven parameters (from a server: as sent, None
-    where the server's default applied), enable_thinking, sample, seed, text, ids, reasoning,
-    answer, finished, finished_thinking, prompt_tokens, generated_tokens, reasoning_tokens,
-    distinct_1, distinct_2, repetition_rate (seq-rep-4), repeated_tokens, entropy (of what each
-    token was drawn from; 0 when greedy), entropy_raw (the model's own; both mean nats, NaN from a
-    server), thinking_loop (reasoning cut off at max_new_tokens while repeating: seq-rep-4 >=
-    ``loop_threshold``).
+    Columns, in the order (setting, prompt_index, sample): prompt_index, prompt, setting (its
+    index), preset, the seven parameters (from a server: as sent, None where the server's default
+    applied), enable_thinking, sample, seed, text, ids, reasoning, answer, finished,
+    finished_thinking, prompt_tokens, generated_tokens, reasoning_tokens, distinct_1, distinct_2,
+    repetition_rate (seq-rep-4), repeated_tokens, entropy (of what each token was drawn from; 0
+    when greedy), entropy_raw (the model's own; both mean nats, NaN from a server), thinking_loop
+    (reasoning cut off at max_new_tokens while repeating: seq-rep-4 >= ``loop_threshold``), error
+    (None, or why the row failed).
     """
-    from datasets import Dataset
-    from tqdm.auto import tqdm
-
+    from . import sweeps
     from .backends import OpenAIBackend
 
-    if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)):
-        raise TypeError("prompts must be a list of prompts (str or chat messages), e.g. ['Name three colours.']")
-    if not prompts:
-        raise ValueError("prompts is empty; give at least one prompt")
+    prompts = _sweep_prompts(prompts, column)
     n = _check_positive_int("n", n)
     max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    settings = _settings(grid, presets)
+    checks.check_bool("chat", chat)
+    checks.check_bool("progress", progress)
+    loop_threshold = checks.check_float("loop_threshold", loop_threshold, lo=0, hi=1)
     remote = isinstance(lab, OpenAIBackend)
+    if concurrency is None:
+        concurrency = sweeps.DEFAULT_CONCURRENCY if remote else 1
+    concurrency = checks.check_int("concurrency", concurrency, lo=1, hi=sweeps.MAX_CONCURRENCY)
+    if concurrency > 1 and not remote:
+        raise checks.BadValue(f"concurrency={concurrency} is for served models: a local Lab generates one row "
+                              f"at a time (each with its own seed). Leave concurrency out, or sweep an "
+                              f"OpenAIBackend")
+    if output is not None:
+        output = checks.check_writable_target("output", output)
+        if output.suffix not in (".parquet", ".arrow"):
+            raise checks.BadValue(f"output {str(output)!r} must name a .parquet or .arrow file, "
+                                  f"e.g. 'runs/colours.parquet'")
+    settings = _settings(grid, presets)
     if remote:
         for s in settings:  # a field the server cannot honour fails here, before any request
-            lab.request_body([{"role": "user", "content": "check"}], max_tokens=max_new_tokens,
-                             **{k: v for k, v in s.items()})
-    rows = []
-    bar = tqdm(total=len(prompts) * len(settings) * n, desc="sweep", disable=not progress)
-    try:
-        for setting in settings:
-            params, enable_thinking, _ = resolve(setting, defaults=None if remote else _checkpoint_defaults(lab.model))
-            for p_index, prompt in enumerate(prompts):
-                for j in range(n):
-                    row = _row(setting, params, enable_thinking, p_index, prompt, j, seed + j)
-                    if remote:
-                        row.update(_remote_measures(lab, prompt, setting, seed + j, max_new_tokens, loop_threshold))
-                        sent = row.pop("_request")
-                        row.update({name: sent.get(name) for name in PARAMETERS})  # what the server was told
-                    else:
-                        s = sample(lab, prompt, max_new_tokens=max_new_tokens, seed=seed + j, chat=chat, **setting)
-                        row["enable_thinking"] = s.enable_thinking
-                        row.update(text=s.text, ids=list(s.ids), reasoning=s.reasoning, answer=s.answer,
-                                   finished=s.finished,
-                                   finished_thinking=s.finished_thinking, prompt_tokens=s.prompt_tokens,
-                                   generated_tokens=len(s.ids), reasoning_tokens=s.reasoning_tokens,
-                                   **s.metrics(loop_threshold=loop_threshold),
-                                   entropy=s.entropy, entropy_raw=s.entropy_raw)
-                    rows.append(row)
-                    bar.update(1)
-    finally:
-        bar.close()
-    return Dataset.from_list(rows)
+            lab.request_body([{"role": "user", "content": "check"}], max_tokens=max_new_tokens, **s)
+    return sweeps.run(lab, prompts, settings, n=n, seed=int(seed), max_new_tokens=max_new_tokens, chat=chat,
+                      progress=progress, loop_threshold=loop_threshold, concurrency=concurrency, output=output)
 
 
-def _remote_measures(backend, prompt, setting, seed, max_new_tokens, loop_threshold) -> dict:
-    """One served completion and its measures (tokens counted with the Qwen3.5 tokenizer)."""
-    from .tokenizer import get_tokenizer
+def _sweep_prompts(prompts, column) -> list:
+    """The prompts of a sweep as a list: from a list, or from a ``datasets.Dataset``'s ``column``."""
+    from datasets import Dataset
 
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-    result = backend.chat(messages, max_tokens=max_new_tokens, seed=seed, **setting)
-    tok = get_tokenizer()
-    reasoning_ids = tok(result.reasoning or "", add_special_tokens=False)["input_ids"]
-    ids = reasoning_ids + tok(result.answer, add_special_tokens=False)["input_ids"]
-    finished = result.finish_reason == "stop"
-    unfinished_thinking = result.reasoning is not None and not result.answer and not finished
-    rate = repetition_rate(ids, 4)
-    usage = result.usage or {}
-    return {"_request": result.request, "text": result.text, "ids": ids, "reasoning": result.reasoning,
-            "answer": result.answer, "finished": finished,
-            "finished_thinking": not unfinished_thinking, "prompt_tokens": int(usage.get("prompt_tokens", -1)),
-            "generated_tokens": int(usage.get("completion_tokens", len(ids))),
-            "reasoning_tokens": len(reasoning_ids) if result.reasoning is not None else 0,
-            "distinct_1": distinct_n(ids, 1), "distinct_2": distinct_n(ids, 2), "repetition_rate": rate,
-            "repeated_tokens": repeated_tokens(ids), "entropy": float("nan"), "entropy_raw": float("nan"),
-            "thinking_loop": bool(unfinished_thinking and rate >= loop_threshold)}
+    if isinstance(prompts, Dataset):
+        if column is None:
+            raise checks.BadValue(f"prompts is a Dataset: name the column that holds them, column=...; "
+                                  f"its columns: {', '.join(prompts.column_names)}")
+        checks.check_choice("column", column, prompts.column_names)
+        prompts = prompts[column]
+    elif column is not None:
+        raise checks.BadValue(f"column={column!r} picks a column of a datasets.Dataset, but prompts is a "
+                              f"{type(prompts).__name__}")
+    if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)):
+        raise TypeError("prompts must be a list of prompts (str or chat messages), e.g. ['Name three colours.'], "
+                        "or a datasets.Dataset with column=")
+    if not prompts:
+        raise ValueError("prompts is empty; give at least one prompt")
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str) and prompt:
+            continue
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
+            continue
+        raise checks.BadValue(f"prompt {i} is {prompt!r}; a prompt is a non-empty str or a list of chat "
+                              f"messages ({{'role': ..., 'content': ...}})")
+    return list(prompts)
 
 
 _METRICS = ("distinct_2", "repetition_rate", "entropy", "generated_tokens")
