@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -c constraints/local.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup lab test test-fast notebooks clean-venv
+.PHONY: setup browser lab test test-fast notebooks clean-venv
 
 $(STAMP): pyproject.toml constraints/local.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,23 @@ setup: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)
 
-## Run every test: unit, parity, kernels under the Triton interpreter, notebooks (nbval).
-test: $(STAMP)
+## Debian's chromium for the browser test: installed when missing and possible (as root, or with
+## password-less sudo); otherwise the browser test is skipped and its reason gives the command.
+browser:
+	@if ! command -v chromium >/dev/null 2>&1 && [ ! -x /usr/bin/chromium ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO=sudo; else SUDO=none; fi; \
+	  if [ "$$SUDO" = none ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "chromium is missing and cannot be installed here: the browser test will be skipped" \
+	         "(install it with: sudo apt-get install -y chromium)"; \
+	  else \
+	    echo "installing Debian's chromium for the browser test"; \
+	    $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium \
+	      || echo "installing chromium failed: the browser test will be skipped"; \
+	  fi; \
+	fi
+
+## Run every test: unit, parity, kernels under the Triton interpreter, notebooks (nbval), the browser.
+test: $(STAMP) browser
 	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

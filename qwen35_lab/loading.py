@@ -19,15 +19,11 @@ from pathlib import Path
 import torch
 
 from . import configs, organisms
+from .checks import check_device, check_dtype
 
 __all__ = ["load", "resolve", "ModelSource"]
 
 SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
-_DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-}
 
 
 class ModelSource:
@@ -129,42 +125,6 @@ def check_safetensors(file: Path) -> int:
     return count
 
 
-def _resolve_dtype(dtype, device: str):
-    if dtype == "auto":
-        return "auto"
-    if isinstance(dtype, torch.dtype):
-        if dtype not in set(_DTYPES.values()):
-            raise ValueError(f"dtype {dtype} is not supported; valid: bfloat16, float16, float32 or 'auto'")
-        return dtype
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: 'auto', {', '.join(map(repr, _DTYPES))} or a torch.dtype")
-    return _DTYPES[dtype]
-
-
-def _resolve_device(device) -> str:
-    valid = "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):
-        raise TypeError(f"device must be a string such as {valid}, got {device!r}")
-    if device == "auto":
-        return "auto"
-    try:
-        d = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; valid: {valid}") from None
-    if d.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} is not available: no CUDA GPU is visible here; use 'cpu' or 'auto'")
-        if d.index is not None and d.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r} is not available: {torch.cuda.device_count()} GPU(s) visible")
-    elif d.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {device!r} is not available here; use 'cpu' or 'auto'")
-    elif d.type not in ("cpu", "cuda", "mps"):
-        raise ValueError(f"unsupported device {device!r}; valid: {valid}")
-    return str(d)
-
-
 def free_memory_bytes(device: str) -> int:
     """Free memory where the weights would go: all visible GPUs for 'auto'/'cuda', else RAM."""
     import psutil
@@ -216,8 +176,8 @@ def load(
     from .tokenizer import get_tokenizer
 
     source = resolve(name_or_path)
-    torch_dtype = _resolve_dtype(dtype, device)
-    device = _resolve_device(device)
+    torch_dtype = check_dtype(dtype, allow_auto=True)
+    device = check_device(device, allow_auto=True)
     if not isinstance(text_only, bool):
         raise TypeError(f"text_only must be True or False, got {text_only!r}")
 
@@ -295,8 +255,20 @@ def load(
 
     tokenizer, processor = _attach_tokenizer_and_processor(location, meta, source, text_only, get_tokenizer)
     variant = meta.get("chat_template") or _template_variant(source, model.config)
+    attach_chat_template(variant, tokenizer, processor)
     return Lab(model=model, tokenizer=tokenizer, processor=processor, name=source.name,
                source=source, chat_variant=variant, meta=meta)
+
+
+def attach_chat_template(variant: str, *holders) -> None:
+    """Give each tokenizer / processor that has no chat template ours (``variant``), so that
+    ``apply_chat_template`` works as every Hugging Face user expects and equals ``Lab.render``.
+    A checkpoint's own template (the official one) is kept."""
+    from .chat_format import TEMPLATES
+
+    for holder in holders:
+        if holder is not None and not getattr(holder, "chat_template", None):
+            holder.chat_template = TEMPLATES[variant]
 
 
 def _template_variant(source: ModelSource, config) -> str:

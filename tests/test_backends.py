@@ -63,35 +63,25 @@ def _free_port() -> int:
 
 # ============================================================================ request bodies (no server)
 
-def _card_request(card_text: str, marker: str) -> dict:
-    """The sampling values of the card's request example that contains ``marker``."""
-    block = next(b for b in card_text.split("chat.completions.create(") if marker in b.split("print(")[0])
-    block = block.split("print(")[0]
-    values = {k: float(v) for k, v in re.findall(r"\b(temperature|top_p|presence_penalty)=([\d.]+)", block)}
-    values["top_k"] = int(re.search(r'"top_k":\s*(\d+)', block).group(1))
-    return values
-
-
-def test_bodies_match_the_cards_requests(reference):
-    card9 = (reference / "model_cards" / "qwen3.5-9b-card-zh.txt").read_text(encoding="utf-8")
-    card36 = (reference / "model_cards" / "qwen3.6-27b-card-zh.txt").read_text(encoding="utf-8")
+def test_bodies_match_the_cards_requests(facts):
+    cards = facts["card_requests"]  # the request examples of the 9B and 3.6-27B cards
     backend = OpenAIBackend(model="Qwen/Qwen3.5-9B", server="vllm")
 
     # instruct mode: the card sends enable_thinking False in chat_template_kwargs
-    want = _card_request(card9, '"chat_template_kwargs": {"enable_thinking": False}')
+    want = cards["instruct"]["sampling"]
     body = backend.request_body(MESSAGES, preset="qwen3.5-instruct-general", max_tokens=32768)
     assert {k: body[k] for k in want} == want
-    assert body["chat_template_kwargs"] == {"enable_thinking": False}
+    assert body["chat_template_kwargs"] == cards["instruct"]["chat_template_kwargs"]
     assert body["min_p"] == 0.0 and body["repetition_penalty"] == 1.0 and body["model"] == "Qwen/Qwen3.5-9B"
 
     # video: mm_processor_kwargs as in the card
-    mm = json.loads(re.search(r'"mm_processor_kwargs":\s*(\{[^}]*\})', card9).group(1).replace("True", "true"))
+    mm = cards["video"]["mm_processor_kwargs"]
     body = backend.request_body(MESSAGES, preset="qwen3.5-thinking-general", mm_processor_kwargs=mm)
-    assert body["mm_processor_kwargs"] == {"fps": 2, "do_sample_frames": True}
+    assert body["mm_processor_kwargs"] == {"fps": 2, "do_sample_frames": True} == mm
     assert body["chat_template_kwargs"] == {"enable_thinking": True}
 
     # Qwen3.6 preserve_thinking, with the precise-coding preset's values
-    want = _card_request(card36, '"chat_template_kwargs": {"preserve_thinking": True}')
+    want = cards["preserve_thinking"]["sampling"]
     body = backend.request_body(MESSAGES, preset="qwen3.6-thinking-precise-coding", preserve_thinking=True)
     assert {k: body[k] for k in want} == want
     assert body["chat_template_kwargs"]["preserve_thinking"] is True

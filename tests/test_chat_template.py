@@ -1,11 +1,15 @@
 """The project's chat templates render the same bytes as the official Qwen3.5 / 3.6 templates.
 
-Oracle: the official templates in ``../shared/reference/chat_templates/``, rendered with
-transformers' own chat-template renderer (``render_jinja_template``, what
-``tokenizer.apply_chat_template`` calls). Every conversation in the battery is rendered with
-ours and theirs, for each variant and every combination of the template switches, and the
-results (text, or exception type and message) must be equal. A mutation test proves the
-battery reaches every output statement of our templates.
+Oracle: Qwen's official templates, found where a user has them (the ``official_templates``
+fixture in conftest: ``QWEN35_LAB_REFERENCE``, the Hugging Face cache, the hub; skipped with one
+reason when absent), rendered with transformers' own chat-template renderer
+(``render_jinja_template``, what ``tokenizer.apply_chat_template`` calls). Every conversation in
+the battery is rendered with ours and theirs, for each variant and every combination of the
+template switches, and the results (text, or exception type and message) must be equal.
+
+Everywhere, with no oracle: tests written from the documented format (think blocks, tool-call
+XML, vision placeholders, ``enable_thinking``, ``preserve_thinking``), and a mutation test that
+proves the battery notices a change to any output statement or condition of our templates.
 
 Also: ``render``, ``validate_messages``, ``template_for`` and ``parse_output`` (including a
 render -> parse round trip of tool calls).
@@ -17,7 +21,6 @@ import copy
 import itertools
 import json
 import re
-from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -25,13 +28,7 @@ from transformers.utils.chat_template_utils import render_jinja_template
 
 from qwen35_lab.chat_format import TEMPLATES, ParsedOutput, parse_output, render, template_for, validate_messages
 
-REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "chat_templates"
 VARIANTS = ("qwen3.5", "qwen3.5-small", "qwen3.6")
-
-
-@lru_cache
-def reference_template(variant: str) -> str:
-    return (REFERENCE_DIR / f"{variant}.jinja").read_text(encoding="utf-8")
 
 
 def outcome(template: str, messages, tools=None, **kwargs) -> tuple:
@@ -188,28 +185,35 @@ CONVERSATIONS = [
 CONVERSATION_IDS = [conversation[0] for conversation in CONVERSATIONS]
 
 
-@lru_cache
-def reference_outcomes(variant: str) -> dict:
-    """(conversation id, combo index) -> outcome of the official template."""
-    return {
-        (name, k): outcome(reference_template(variant), messages, tools, **kwargs)
-        for name, messages, tools, _ in CONVERSATIONS
-        for k, kwargs in enumerate(KWARG_COMBOS)
-    }
+_OUTCOMES: dict = {}
 
 
-def test_battery_is_large_and_the_references_are_the_official_files():
+def outcomes_of(template: str) -> dict:
+    """(conversation id, combo index) -> outcome of ``template``, for the whole battery (cached)."""
+    if template not in _OUTCOMES:
+        _OUTCOMES[template] = {
+            (name, k): outcome(template, messages, tools, **kwargs)
+            for name, messages, tools, _ in CONVERSATIONS
+            for k, kwargs in enumerate(KWARG_COMBOS)
+        }
+    return _OUTCOMES[template]
+
+
+def test_battery_is_large():
     assert len([c for c in CONVERSATIONS if c[3] == "ok"]) >= 30
     assert len(set(CONVERSATION_IDS)) == len(CONVERSATIONS)
+
+
+def test_the_oracles_are_the_official_files(official_templates):
     for variant in VARIANTS:
-        assert "raise_exception" in reference_template(variant)
-        assert TEMPLATES[variant] != reference_template(variant)  # the project's own text
+        assert "raise_exception" in official_templates[variant]
+        assert TEMPLATES[variant] != official_templates[variant]  # the project's own text
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize(("name", "messages", "tools", "expected"), CONVERSATIONS, ids=CONVERSATION_IDS)
-def test_same_bytes_as_official_template(variant, name, messages, tools, expected):
-    reference = reference_outcomes(variant)
+def test_same_bytes_as_official_template(official_templates, variant, name, messages, tools, expected):
+    reference = outcomes_of(official_templates[variant])
     for k, kwargs in enumerate(KWARG_COMBOS):
         ours = outcome(TEMPLATES[variant], messages, tools, **kwargs)
         assert ours == reference[(name, k)], f"{variant} {name} {kwargs}"
@@ -231,6 +235,91 @@ def test_variants_differ_where_the_models_differ():
     assert "<parameter=exact>\ntrue\n" in text["qwen3.6"] and "<parameter=limit>\nnull\n" in text["qwen3.6"]
     assert "r1" not in text["qwen3.6"]
     assert "<think>\nr1\n</think>\n\nA1" in render(messages, variant="qwen3.6", preserve_thinking=True)
+
+
+# --------------------------------------------------------------------------------------
+# The documented format, checked everywhere (no oracle needed)
+# --------------------------------------------------------------------------------------
+# Written from the format the model cards and the official templates document: ChatML turns,
+# generation prompts that open or close a think block, qwen3_coder tool-call XML, tool results
+# in a user turn, vision placeholders, reasoning kept only after the last real user query.
+
+WEATHER = [{"type": "function", "function": {"name": "get_weather", "description": "Weather",
+                                              "parameters": {"type": "object",
+                                                             "properties": {"city": {"type": "string"}},
+                                                             "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("variant, thinking_by_default", [("qwen3.5", True), ("qwen3.5-small", False),
+                                                          ("qwen3.6", True)])
+def test_generation_prompt_opens_or_closes_the_think_block(variant, thinking_by_default):
+    think, no_think = "<|im_start|>assistant\n<think>\n", "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    text = render([user("Hi")], variant=variant)
+    assert text == "<|im_start|>user\nHi<|im_end|>\n" + (think if thinking_by_default else no_think)
+    assert render([user("Hi")], variant=variant, enable_thinking=True).endswith(think)
+    assert render([user("Hi")], variant=variant, enable_thinking=False).endswith(no_think)
+    assert not render([user("Hi")], variant=variant, add_generation_prompt=False).endswith("assistant\n")
+
+
+def test_system_message_comes_first_as_chatml():
+    text = render([{"role": "system", "content": "Be brief."}, user("Hi")], variant="qwen3.5", enable_thinking=False)
+    assert text.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_tools_calls_and_responses_follow_the_qwen3_coder_format(variant):
+    messages = [user("Weather in Oslo?"),
+                assistant("", tool_calls=[call("get_weather", {"city": "Oslo"})]),
+                {"role": "tool", "content": "sunny"}]
+    text = render(messages, variant=variant, tools=WEATHER, enable_thinking=False)
+    system = text.split("<|im_end|>")[0]
+    assert system.startswith("<|im_start|>system\n# Tools\n")
+    tools_json = system.split("<tools>\n")[1].split("\n</tools>")[0]
+    assert json.loads(tools_json) == WEATHER[0]
+    assert ("<tool_call>\n<function=get_weather>\n<parameter=city>\nOslo\n</parameter>\n</function>\n"
+            "</tool_call><|im_end|>") in text
+    assert "<|im_start|>user\n<tool_response>\nsunny\n</tool_response><|im_end|>" in text
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_vision_placeholders_and_vision_ids(variant):
+    messages = [user([{"type": "image"}, {"type": "video"}, {"type": "image"}, {"type": "text", "text": "Q"}])]
+    plain = render(messages, variant=variant)
+    image, video = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+    assert f"<|im_start|>user\n{image}{video}{image}Q<|im_end|>" in plain
+    numbered = render(messages, variant=variant, add_vision_id=True)
+    assert f"Picture 1: {image}Video 1: {video}Picture 2: {image}Q" in numbered
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_reasoning_is_kept_only_after_the_last_user_query(variant):
+    messages = [user("Q1"), assistant("A1", reasoning_content="r1"), user("Q2"),
+                assistant("A2", reasoning_content="r2")]
+    text = render(messages, variant=variant, add_generation_prompt=False)
+    assert "<|im_start|>assistant\nA1<|im_end|>" in text and "r1" not in text
+    assert "<|im_start|>assistant\n<think>\nr2\n</think>\n\nA2<|im_end|>" in text
+    # reasoning written inline in the content is split out the same way
+    inline = [user("Q1"), assistant("<think>\nr1\n</think>\n\nA1"), user("Q2")]
+    assert "r1" not in render(inline, variant=variant)
+
+
+def test_preserve_thinking_keeps_every_turns_reasoning_on_qwen3_6_only():
+    messages = [user("Q1"), assistant("A1", reasoning_content="r1"), user("Q2")]
+    kept = render(messages, variant="qwen3.6", preserve_thinking=True)
+    assert "<|im_start|>assistant\n<think>\nr1\n</think>\n\nA1<|im_end|>" in kept
+    assert "r1" not in render(messages, variant="qwen3.6", preserve_thinking=False)
+    with pytest.raises(ValueError, match="preserve_thinking"):
+        render(messages, variant="qwen3.5", preserve_thinking=True)
+
+
+def test_tool_argument_values_are_written_per_variant():
+    messages = [user("Q"), assistant("", tool_calls=[call("f", {"n": 3, "flag": False, "obj": {"a": 1}})])]
+    v35 = render(messages, variant="qwen3.5", add_generation_prompt=False)
+    v36 = render(messages, variant="qwen3.6", add_generation_prompt=False)
+    assert "<parameter=n>\n3\n</parameter>" in v35 and "<parameter=n>\n3\n</parameter>" in v36
+    assert "<parameter=flag>\nFalse\n" in v35 and "<parameter=flag>\nfalse\n" in v36
+    assert '<parameter=obj>\n{"a": 1}\n' in v35 and '<parameter=obj>\n{"a": 1}\n' in v36
 
 
 # --------------------------------------------------------------------------------------
@@ -265,7 +354,9 @@ def _mutant_family(template: str) -> tuple[str, list[int]]:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_every_statement_and_condition_is_checked_by_the_battery(variant):
-    reference = reference_outcomes(variant)
+    """Standard mutation testing: each one-point mutant must change some outcome of the battery
+    against our unmutated template (which the byte-identity tests tie to the official one)."""
+    reference = outcomes_of(TEMPLATES[variant])
     by_name = {name: (messages, tools) for name, messages, tools, _ in CONVERSATIONS}
     family, mutated_lines = _mutant_family(TEMPLATES[variant])
     assert len(mutated_lines) >= 60
@@ -292,14 +383,14 @@ RENDERABLE = [c for c in CONVERSATIONS if c[3] == "ok"]
 
 
 @pytest.mark.parametrize(("name", "messages", "tools", "expected"), RENDERABLE, ids=[c[0] for c in RENDERABLE])
-def test_render_equals_official_template(name, messages, tools, expected):
+def test_render_equals_official_template(official_templates, name, messages, tools, expected):
     validate_messages(messages)
     for variant in VARIANTS:
         for kwargs in ({"enable_thinking": True}, {"enable_thinking": False, "add_vision_id": True}, {}):
-            reference = outcome(reference_template(variant), messages, tools, add_generation_prompt=True, **kwargs)
+            reference = outcome(official_templates[variant], messages, tools, add_generation_prompt=True, **kwargs)
             assert ("ok", render(messages, variant=variant, tools=tools, **kwargs)) == reference
         if variant == "qwen3.6":
-            reference = outcome(reference_template(variant), messages, tools, preserve_thinking=True)
+            reference = outcome(official_templates[variant], messages, tools, preserve_thinking=True)
             assert ("ok", render(messages, variant=variant, tools=tools, add_generation_prompt=False,
                                  preserve_thinking=True)) == reference
 
@@ -311,7 +402,7 @@ def test_render_accepts_openai_style_arguments_and_video_url():
                     assistant(None, tool_calls=[call("get_weather", json.dumps(ARGS))])]
     before = copy.deepcopy(openai_style)
     for variant in VARIANTS:
-        expected = outcome(reference_template(variant), as_dict, TOOLS, add_generation_prompt=True)
+        expected = ("ok", render(as_dict, variant=variant, tools=TOOLS))
         assert ("ok", render(openai_style, variant=variant, tools=TOOLS)) == expected
     assert openai_style == before  # the caller's messages are not changed
 
@@ -415,11 +506,10 @@ def test_template_for(model, variant):
     assert template_for(model) == variant
 
 
-def test_template_for_reads_a_transformers_config():
-    config_path = REFERENCE_DIR.parent / "configs" / "Qwen3.5-0.8B.config.json"
+def test_template_for_reads_a_transformers_config(facts):
     from transformers.models.qwen3_5.configuration_qwen3_5 import Qwen3_5Config
 
-    config = Qwen3_5Config(**json.loads(config_path.read_text()))
+    config = Qwen3_5Config(**facts["config_json"]["Qwen3.5-0.8B"]["config"])
     assert template_for(config) == "qwen3.5-small"
     config.text_config.hidden_size = 4096
     assert template_for(config) == "qwen3.5"
@@ -516,3 +606,85 @@ def test_tool_calls_round_trip(variant):
     assert parsed.answer == "Let me check."
     assert parsed.reasoning == (reasoning if reasoning else None)
     assert parsed.finished_thinking
+
+
+# --------------------------------------------------------------------------------------
+# The tokenizer carries the chat template
+# --------------------------------------------------------------------------------------
+
+ORGANISMS = sorted(p.name for p in (Path(__file__).resolve().parents[1] / "data" / "organisms").iterdir()
+                   if (p / "config.json").is_file())
+CHATS = [
+    ([user("What is 2 + 3?")], None),
+    ([user("Q1"), assistant("A1", reasoning_content="r1"), user("Weather in Oslo?")], WEATHER),
+    ([user("Weather?"), assistant("", tool_calls=[call("get_weather", {"city": "Oslo"})]),
+      {"role": "tool", "content": "sunny"}], WEATHER),
+]
+
+
+def _same_as_render(lab, holder) -> None:
+    for messages, tools in CHATS:
+        for thinking in (True, False):
+            want = lab.render(messages, enable_thinking=thinking, tools=tools)
+            got = holder.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                             enable_thinking=thinking, tools=tools)
+            assert got == want, (lab.name, thinking, tools is not None)
+
+
+@pytest.mark.parametrize("name", ORGANISMS)
+def test_tokenizer_apply_chat_template_equals_lab_render(name):
+    import qwen35_lab as ql
+
+    lab = ql.load(name, dtype="float32", device="cpu")
+    _same_as_render(lab, lab.tokenizer)
+    if lab.processor is not None:
+        _same_as_render(lab, lab.processor)
+    folder = Path(__file__).resolve().parents[1] / "data" / "organisms" / name
+    if (folder / "tokenizer_config.json").is_file():  # an organism with tokenizer files carries the template in them
+        assert (folder / "chat_template.jinja").read_text() == TEMPLATES[lab.chat_variant]
+
+
+def test_a_checkpoint_without_a_template_gets_ours(tiny, tmp_path):
+    import qwen35_lab as ql
+
+    tiny.model.save_pretrained(tmp_path)
+    tokenizer = copy.deepcopy(tiny.tokenizer)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(tmp_path)
+    assert not (tmp_path / "chat_template.jinja").exists()
+    lab = ql.load(tmp_path, dtype="float32", device="cpu", text_only=True)
+    assert lab.chat_variant == "qwen3.5-small"
+    _same_as_render(lab, lab.tokenizer)
+
+
+def test_saving_a_trained_organism_writes_its_template(tmp_path):
+    from transformers import AutoTokenizer
+
+    from qwen35_lab.organisms.train import train
+
+    out = train("recall", seed=0, out_dir=tmp_path / "recall", max_steps=1, progress=False, evaluate_after=False)
+    saved = AutoTokenizer.from_pretrained(out)
+    assert saved.chat_template == TEMPLATES["qwen3.5-small"]
+
+
+def test_official_templates_are_found_where_a_user_has_them(tmp_path, monkeypatch):
+    """The oracle's finder: QWEN35_LAB_REFERENCE first, then any Qwen checkpoint in the HF cache
+    (chat_template.jinja or tokenizer_config.json's chat_template); offline, nothing."""
+    from conftest import find_official_template
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("QWEN35_LAB_REFERENCE", raising=False)
+    assert find_official_template("qwen3.5") is None
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen3.5-4B" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'cached' }}"}))
+    assert find_official_template("qwen3.5") == ("{{ 'cached' }}", str(snapshot))
+    (snapshot / "chat_template.jinja").write_text("{{ 'jinja' }}")
+    assert find_official_template("qwen3.5")[0] == "{{ 'jinja' }}"
+    assert find_official_template("qwen3.6") is None  # a 3.5 checkpoint does not stand in for 3.6
+    folder = tmp_path / "reference" / "chat_templates"
+    folder.mkdir(parents=True)
+    (folder / "qwen3.5.jinja").write_text("{{ 'named' }}")
+    monkeypatch.setenv("QWEN35_LAB_REFERENCE", str(tmp_path / "reference"))
+    assert find_official_template("qwen3.5") == ("{{ 'named' }}", str(folder / "qwen3.5.jinja"))

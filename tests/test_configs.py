@@ -1,9 +1,8 @@
-"""Known model configs against the real config.json, sizes.json and the model cards."""
+"""Known model configs against the real config.json, the real dimensions and the model cards
+(facts in ``tests/data/model_facts.json``, each with its source)."""
 
 from __future__ import annotations
 
-import json
-import re
 
 import pytest
 import torch
@@ -25,8 +24,8 @@ def _compare(ours: dict, ref: dict, path=""):
     return diffs
 
 
-def test_0_8b_config_equals_the_real_config_json(reference):
-    ref = json.loads((reference / "configs" / "Qwen3.5-0.8B.config.json").read_text())
+def test_0_8b_config_equals_the_real_config_json(facts):
+    ref = facts["config_json"]["Qwen3.5-0.8B"]["config"]
     ours = configs.config_for("Qwen3.5-0.8B").to_dict()
     diffs = _compare(ours, ref)
     # HF names the vision sub-config's type itself; the checkpoint says "qwen3_5"
@@ -34,8 +33,8 @@ def test_0_8b_config_equals_the_real_config_json(reference):
 
 
 @pytest.mark.parametrize("name", ["Qwen3.5-0.8B", "Qwen3.5-2B", "Qwen3.5-4B", "Qwen3.5-9B", "Qwen3.5-27B"])
-def test_dimensions_equal_sizes_json(reference, name):
-    sizes = json.loads((reference / "configs" / "sizes.json").read_text())[name]
+def test_dimensions_equal_the_real_configs(facts, name):
+    sizes = facts["dimensions"][name]
     t = configs.config_for(name).get_text_config()
     for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "linear_num_value_heads"):
@@ -50,14 +49,12 @@ def test_dimensions_equal_sizes_json(reference, name):
     assert t.layer_types.count("full_attention") == t.num_hidden_layers // 4
 
 
-def test_qwen3_6_27b_matches_its_card(reference):
-    card = (reference / "model_cards" / "qwen3.6-27b-card-zh.txt").read_text()
+def test_qwen3_6_27b_matches_its_card(facts):
+    card = facts["card_dimensions"]["Qwen3.6-27B"]
     t = configs.config_for("Qwen3.6-27B").get_text_config()
-    assert f"Hidden Dimension:{t.hidden_size}" in card
-    assert f"层数:{t.num_hidden_layers}" in card
-    assert f"Intermediate Dimension:{t.intermediate_size}" in card
-    assert f"V 为 {t.linear_num_value_heads},QK 为 {t.linear_num_key_heads}" in card
-    assert f"Q 为 {t.num_attention_heads},KV 为 {t.num_key_value_heads}" in card
+    for key in ("hidden_size", "num_hidden_layers", "intermediate_size", "linear_num_value_heads",
+                "linear_num_key_heads", "num_attention_heads", "num_key_value_heads"):
+        assert getattr(t, key) == card[key], key
 
 
 @pytest.mark.parametrize("name,billions", [("Qwen3.5-0.8B", 0.8), ("Qwen3.5-2B", 2), ("Qwen3.5-4B", 4),
@@ -94,8 +91,7 @@ def test_unknown_model_suggests_close_names():
         configs.build_random("Qwen3.5-0.8B", num_hidden_layers=6)
 
 
-def test_card_layout_line_matches_layer_types(reference):
-    card = (reference / "model_cards" / "qwen3.5-9b-card-zh.txt").read_text()
-    groups = int(re.search(r"(\d+) × \(3 × \(Gated DeltaNet", card).group(1))
+def test_card_layout_line_matches_layer_types(facts):
+    groups = facts["layout"]["Qwen3.5-9B"]["groups"]
     t = configs.config_for("Qwen3.5-9B").get_text_config()
     assert t.num_hidden_layers == 4 * groups

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import re
 from pathlib import Path
 
 import pytest
@@ -27,18 +26,10 @@ def lab():
 
 
 @pytest.fixture(scope="module")
-def readme(reference) -> str:
-    return " ".join((reference / "README.md").read_text().split())
-
-
-@pytest.fixture(scope="module")
-def card_yarn(reference) -> tuple[dict, int]:
+def card_yarn(facts) -> tuple[dict, int]:
     """The rope_parameters dict the 9B card gives for 1,010,000 tokens, and that target length."""
-    card = (reference / "model_cards" / "qwen3.5-9b-card-zh.txt").read_text()
-    block = re.search(r"\{[^{}]*\"rope_type\": \"yarn\"[^{}]*\}", card).group(0)
-    params = json.loads(re.sub(r",\s*\}", "}", block))
-    target = int(re.search(r"--hf-overrides .*?--max-model-len (\d+)", card).group(1))  # the YaRN command
-    return params, target
+    card = facts["yarn"]["card_9b"]
+    return card["rope_parameters"], card["max_model_len"]
 
 
 def real_config(name="Qwen3.5-9B"):
@@ -52,7 +43,7 @@ def hf_rotary(text_config):
 
 
 # ------------------------------------------------------------------ RoPE config
-def test_yarn_for_context_gives_the_cards_settings(card_yarn, reference):
+def test_yarn_for_context_gives_the_cards_settings(card_yarn, facts):
     params, target = card_yarn
     assert target == 1_010_000
     assert lc.yarn_for_context(target, like=real_config()) == params
@@ -61,9 +52,8 @@ def test_yarn_for_context_gives_the_cards_settings(card_yarn, reference):
     lc.apply_rope_to_config(config, lc.yarn_for_context(target))
     assert config.text_config.rope_parameters == params
     # the 3.6 card: a typical context of 524,288 tokens -> factor 2.0
-    card36 = (reference / "model_cards" / "qwen3.6-27b-card-zh.txt").read_text()
-    n, factor = re.search(r"([\d,]+) tokens,将factor设为 ([\d.]+)", card36).groups()
-    assert lc.yarn_for_context(int(n.replace(",", "")))["factor"] == float(factor)
+    card36 = facts["yarn"]["card_3.6"]
+    assert lc.yarn_for_context(card36["tokens"])["factor"] == card36["factor"]
     assert lc.max_context(config) >= target
 
 
@@ -126,13 +116,12 @@ def test_context_over_the_maximum_says_how_to_enable_yarn():
 
 
 # ------------------------------------------------------------------ frequencies
-def test_yarn_frequencies_match_the_reference_and_transformers(readme):
+def test_yarn_frequencies_match_the_facts_and_transformers(facts):
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    a, b, c, d, e, f, s = map(int, re.search(
-        r"frequencies (\d+)–(\d+) are unchanged, (\d+)–(\d+) ramp, (\d+)–(\d+) are divided by (\d+)", readme).groups())
-    factor, attention = re.search(r"0\.1 ln\((\d+)\) \+ 1 = ([\d.]+)", readme).groups()
-    assert int(factor) == s
+    fr = facts["yarn"]["frequencies"]
+    (a, b), (c, d), (e, f), s = fr["keep"], fr["ramp"], fr["interpolate"], fr["factor"]
+    attention = fr["attention_factor"]
     config = real_config()
     rope = lc.yarn_for_context(262_144 * s)
     table = lc.rope_table(config, rope)
@@ -165,9 +154,8 @@ def test_yarn_variants_match_transformers(extra):
     assert module.attention_scaling == pytest.approx(ours["attention_factor"], rel=1e-12)
 
 
-def test_mrope_axes_match_the_reference_and_transformers(readme):
-    t, h, w = (list(map(int, re.search(p, readme).group(1).split(","))) for p in
-               (r"T takes ([\d,]+),…", r"H ([\d,]+),…", r"W ([\d,]+),…"))
+def test_mrope_axes_match_the_facts_and_transformers(facts):
+    t, h, w = (facts["mrope"][axis] for axis in "THW")
     config = real_config()
     axes = lc.mrope_axes(32, config.text_config.rope_parameters["mrope_section"])
     assert [axes[i] for i in t] == ["T"] * len(t) and [axes[i] for i in h] == ["H"] * len(h)
@@ -235,11 +223,10 @@ def test_rope_info_notices_a_stale_module(lab):
 
 
 # ------------------------------------------------------------------ memory planner
-def test_planner_reproduces_the_cards_kv_figure(readme):
-    m = re.search(r"(\d+) attention layers × (\d+) KV heads × (\d+) × 2 \(K and V\) × (\d+) bytes × ([\d,]+) = "
-                  r"([\d.]+) GB", readme)
-    layers, heads, dim, nbytes, tokens, gb = m.groups()
-    tokens = int(tokens.replace(",", ""))
+def test_planner_reproduces_the_cards_kv_figure(facts):
+    kv = facts["kv_cache"]
+    layers, heads, dim, nbytes, tokens, gb = (kv[k] for k in ("attention_layers", "kv_heads", "head_dim", "bytes",
+                                                             "tokens", "gb"))
     plan = lc.plan_memory("Qwen3.5-9B", tokens, dtype="bfloat16")
     assert plan.layers["full_attention"] == int(layers)
     assert plan.kv_cache == int(layers) * int(heads) * int(dim) * 2 * int(nbytes) * tokens

@@ -27,7 +27,7 @@ from qwen35_lab.instrument import Trace
 ROOT = Path(__file__).resolve().parents[1]
 PHOTO = ROOT / "data" / "media" / "grace_hopper.jpg"
 CLIP = ROOT / "data" / "media" / "shapes.mp4"
-VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 248053, 248054, 248056, 248057  # reference README ids
+VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = 248053, 248054, 248056, 248057  # checked against the facts below
 SMALL = 128 * 128  # max_pixels that keeps the photo at a few dozen tokens
 
 
@@ -95,6 +95,24 @@ def test_frame_indices_equal_hf_sampler_on_a_grid(tiny):
         np.testing.assert_array_equal(media.sample_frame_indices(total, video_fps),
                                       vp.sample_frames(VideoMetadata(total_num_frames=total, fps=video_fps)))
     assert checked > 300
+
+
+def test_video_defaults_and_ids_are_the_checkpoints(tiny, facts):
+    """Our defaults and the tiny organism's processor carry the real video/image preprocessor
+    configs and special-token ids (tests/data/model_facts.json)."""
+    real = facts["video_frame_sampling"]["video_preprocessor_config"]
+    assert (media.DEFAULT_FPS, media.DEFAULT_MIN_FRAMES, media.DEFAULT_MAX_FRAMES) == (
+        real["fps"], real["min_frames"], real["max_frames"])
+    vp = tiny.processor.video_processor
+    for key in ("patch_size", "temporal_patch_size", "merge_size", "fps", "min_frames", "max_frames"):
+        assert getattr(vp, key) == real[key], key
+    image = facts["video_frame_sampling"]["preprocessor_config"]
+    ip = tiny.processor.image_processor
+    for key in ("patch_size", "temporal_patch_size", "merge_size"):
+        assert getattr(ip, key) == image[key], key
+    ids = facts["tokenizer"]["special_ids"]
+    assert (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD) == (
+        ids["<|vision_start|>"], ids["<|vision_end|>"], ids["<|image_pad|>"], ids["<|video_pad|>"])
 
 
 def test_pair_timestamps_equal_hf(tiny):

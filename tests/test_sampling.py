@@ -5,9 +5,10 @@ generation on the tiny organism against a token-by-token reference loop, sweeps,
 
 from __future__ import annotations
 
+import json
 import math
-import re
 from collections import Counter
+from pathlib import Path
 
 import matplotlib
 
@@ -26,45 +27,21 @@ MESSAGES = [{"role": "user", "content": PROMPT}]
 
 # ============================================================================ presets vs the cards
 
-_VALUES_KV = (r"\s*temperature=([\d.]+),\s*top_p=([\d.]+),\s*top_k=(\d+),\s*min_p=([\d.]+),"
-              r"\s*presence_penalty=([\d.]+),\s*repetition_penalty=([\d.]+)")
-_VALUES_ROW = r"\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|\s*(\d+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|\s*([\d.]+)\s*\|"
-
-# preset -> where the card states it: (card file, label as written, how the values follow it)
-CARD_PLACES = [
-    ("qwen3.5-thinking-general", "qwen3.5-9b-card-zh.txt", "| 思维模式 (Thinking) | 常规任务 ", _VALUES_ROW),
-    ("qwen3.5-thinking-precise-coding", "qwen3.5-9b-card-zh.txt",
-     "| 思维模式 (Thinking) | 精确编码任务 (如 WebDev) ", _VALUES_ROW),
-    ("qwen3.5-instruct-general", "qwen3.5-9b-card-zh.txt", "| 指令模式 (Instruct) | 常规任务 ", _VALUES_ROW),
-    ("qwen3.5-instruct-reasoning", "qwen3.5-9b-card-zh.txt", "| 指令模式 (Instruct) | 推理任务 ", _VALUES_ROW),
-    ("qwen3.5-thinking-general", "qwen3.5-0.8b-card.txt", "Thinking mode for text tasks:", _VALUES_KV),
-    ("qwen3.5-thinking-precise-coding", "qwen3.5-0.8b-card.txt",
-     "Thinking mode for VL or precise coding (e.g. WebDev) tasks :", _VALUES_KV),
-    ("qwen3.5-0.8b-instruct-text", "qwen3.5-0.8b-card.txt", "Non-thinking mode for text tasks:", _VALUES_KV),
-    ("qwen3.5-0.8b-instruct-vl", "qwen3.5-0.8b-card.txt", "Non-thinking mode for VL tasks:", _VALUES_KV),
-    ("qwen3.6-thinking-general", "qwen3.6-27b-card-zh.txt", "通用任务的 thinking mode:", _VALUES_KV),
-    ("qwen3.6-thinking-precise-coding", "qwen3.6-27b-card-zh.txt", "精确编码任务(如 WebDev)的 thinking mode:",
-     _VALUES_KV),
-    ("qwen3.6-instruct", "qwen3.6-27b-card-zh.txt", "Instruct(或 non-thinking)mode:", _VALUES_KV),
-]
+# every place a card states a preset's values (tests/data/model_facts.json, each with its source)
+CARD_PLACES = json.loads((Path(__file__).parent / "data" / "model_facts.json").read_text(encoding="utf-8"))[
+    "sampling_presets"]
 
 
-@pytest.mark.parametrize("name,card,label,values", CARD_PLACES, ids=[f"{p[0]}@{p[1]}" for p in CARD_PLACES])
-def test_preset_values_are_the_cards(reference, name, card, label, values):
-    text = (reference / "model_cards" / card).read_text(encoding="utf-8")
-    found = re.findall(re.escape(label) + values, text)
-    assert found, f"the card {card} has no values after {label!r}"
-    assert len(set(found)) == 1, f"the card states different values for {label!r}: {found}"
-    t, p, k, m, pres, rep = found[0]
-    preset = S.PRESETS[name]
-    assert (preset.temperature, preset.top_p, preset.top_k, preset.min_p, preset.presence_penalty,
-            preset.repetition_penalty) == (float(t), float(p), int(k), float(m), float(pres), float(rep))
-    thinking = "思维" in label or ("thinking" in label.lower() and "non-thinking" not in label.lower())
-    assert preset.enable_thinking is thinking
+@pytest.mark.parametrize("place", CARD_PLACES, ids=[f"{p['preset']}@{p['source'].split(':')[0]}" for p in CARD_PLACES])
+def test_preset_values_are_the_cards(place):
+    preset = S.PRESETS[place["preset"]]
+    for key in ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "repetition_penalty",
+                "enable_thinking"):
+        assert getattr(preset, key) == place[key], (key, place["source"])
 
 
 def test_every_preset_is_checked_against_a_card():
-    assert set(S.PRESETS) == {place[0] for place in CARD_PLACES}
+    assert set(S.PRESETS) == {place["preset"] for place in CARD_PLACES}
 
 
 def test_unknown_preset_suggests_close_names():

@@ -27,7 +27,6 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 import qwen35_lab.tokenizer as qt
 
 ROOT = Path(__file__).resolve().parents[1]
-REFERENCE = ROOT.parent / "shared" / "reference"
 CORPUS_DIR = ROOT / "data" / "corpus"
 
 
@@ -210,8 +209,7 @@ def corpus() -> dict[str, str]:
     """name -> text; several hundred KB in all, deterministic."""
     rng = random.Random(20240517)
     docs = {f"corpus/{p.name}": p.read_text(encoding="utf-8") for p in sorted(CORPUS_DIR.glob("*.txt"))}
-    cards = sorted((REFERENCE / "model_cards").glob("*.txt"))
-    docs.update({f"model_cards/{p.name}": p.read_text(encoding="utf-8") for p in cards})
+    docs["README.md"] = (ROOT / "README.md").read_text(encoding="utf-8")  # markdown, code, arrows, ×
     docs.update({f"python/{i}": text for i, text in enumerate(python_source_text())})
     docs["scripts"] = script_text(rng)
     docs["unicode_names"] = unicode_names_text(rng)
@@ -387,10 +385,12 @@ def test_skip_special_tokens_keeps_the_markup_the_checkpoints_keep(tok, ref):
     assert tok.decode(ids) == ref.decode(ids)
 
 
-def test_attributes_match_the_real_checkpoints(tok, ref):
-    config = json.loads((REFERENCE / "configs" / "Qwen3.5-0.8B.config.json").read_text(encoding="utf-8"))
-    sizes = json.loads((REFERENCE / "configs" / "sizes.json").read_text(encoding="utf-8"))
-    generation = next(v for k, v in sizes.items() if k.startswith("generation_config"))
+def test_attributes_match_the_real_checkpoints(tok, ref, facts):
+    config = facts["config_json"]["Qwen3.5-0.8B"]["config"]
+    generation = facts["tokenizer"]["generation_config"]
+    for token, id_ in facts["tokenizer"]["special_ids"].items():
+        assert tok.convert_tokens_to_ids(token) == id_, token
+    assert len(ref._mergeable_ranks if hasattr(ref, "_mergeable_ranks") else []) in (0, facts["tokenizer"]["bpe_ranks"])
     text_config = config["text_config"]
 
     assert type(tok).__name__ == "Qwen3_5Tokenizer"

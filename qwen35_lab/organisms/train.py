@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_directory
+from ..chat_format import TEMPLATES, template_for
 from . import tasks
 
 __all__ = ["Recipe", "RECIPES", "model_config", "train"]
@@ -235,8 +236,11 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
         model = model.to(torch.bfloat16)
         model.generation_config = GenerationConfig(pad_token_id=0, eos_token_id=2, do_sample=False)
         model.save_pretrained(tmp)
+        variant = template_for(model.config)
+        tokenizer.chat_template = TEMPLATES[variant]  # written as chat_template.jinja: apply_chat_template works
         tokenizer.save_pretrained(tmp)
         meta = {"organism": name, "task": recipe.task, "seed": seed, "train_length": recipe.train_length,
+                "chat_template": variant,
                 "recipe": asdict(recipe), "steps": log[-1]["step"] if log else 0,
                 "train_seconds": round(seconds, 1), "stopped": stopped, "torch": torch.__version__}
         (tmp / "qwen35_lab.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
