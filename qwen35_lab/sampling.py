@@ -728,7 +728,7 @@ def _sweep_prompts(prompts, column) -> list:
             raise checks.BadValue(f"prompts is a Dataset: name the column that holds them, column=...; "
                                   f"its columns: {', '.join(prompts.column_names)}")
         checks.check_choice("column", column, prompts.column_names)
-        prompts = prompts[column]
+        prompts = list(prompts[column])
     elif column is not None:
         raise checks.BadValue(f"column={column!r} picks a column of a datasets.Dataset, but prompts is a "
                               f"{type(prompts).__name__}")

@@ -35,6 +35,7 @@ import hashlib
 import json
 import math
 import numbers
+import re
 import shutil
 import time
 import warnings
@@ -140,7 +141,11 @@ def load_manifest(output) -> dict | None:
     if (partial / "manifest.json").is_file():
         return json.loads((partial / "manifest.json").read_text())
     if output.is_file():
-        schema = _read_schema(output)
+        try:
+            schema = _read_schema(output)
+        except (pa.ArrowException, OSError) as e:
+            raise checks.BadValue(f"output {str(output)!r} exists and is not a {output.suffix} file of a sweep "
+                                  f"({type(e).__name__}: {e}); give a new path") from None
         if schema.metadata and _META_KEY in schema.metadata:
             return json.loads(schema.metadata[_META_KEY])
         raise checks.BadValue(f"output {str(output)!r} exists but holds no sweep (its schema has no "
@@ -355,10 +360,10 @@ def run(lab, prompts: list, settings: list[dict], *, n: int, seed: int, max_new_
     rows = store.finish()
     if failures:
         common = "; ".join(f"{count} × {text}" for text, count in Counter(failures).most_common(3))
+        again = (f"Run the same sweep with output={str(output)!r} again to retry only them" if output is not None
+                 else "With an output= path, running the sweep again retries only them")
         warnings.warn(f"{len(failures)} of {len(pending)} row(s) failed and are kept with their error in the "
-                      f"'error' column ({common}). Run the same sweep"
-                      f"{f' with output={str(output)!r}' if output is not None else ' with an output='} again "
-                      f"to retry them.", RuntimeWarning, stacklevel=3)
+                      f"'error' column ({common}). {again}.", RuntimeWarning, stacklevel=3)
     return rows
 
 
@@ -383,7 +388,7 @@ async def _serve(backend, prompts, settings, jobs: list[_Job], store: _Store, ba
                                           max_new_tokens=max_new_tokens, loop_threshold=loop_threshold):
                 store.add(row)
                 if row["error"] is not None:
-                    failures.append(row["error"].split(":")[0] + ": " + _first_words(row["error"]))
+                    failures.append(_gist(row["error"]))
                     bar.set_postfix(failed=len(failures), refresh=False)
                 bar.update(1)
 
@@ -397,8 +402,10 @@ async def _serve(backend, prompts, settings, jobs: list[_Job], store: _Store, ba
             await asyncio.gather(*tasks, return_exceptions=True)
 
 
-def _first_words(error: str, most: int = 60) -> str:
-    text = error.split(": ", 1)[-1]
+def _gist(error: str, most: int = 80) -> str:
+    """An error without its URL, timings and details, so that alike failures are counted together."""
+    text = re.sub(r"the server at \S+ |the connection to \S+ | in [\d.]+ s\b", "", error)
+    text = re.split(r" \(|; |\. ", text, maxsplit=1)[0]
     return text[:most] + ("…" if len(text) > most else "")
 
 
