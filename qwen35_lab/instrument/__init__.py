@@ -10,6 +10,8 @@ import math
 import torch
 
 from .edits import Edit, as_edit, patch, replace, scale, zero
+from .memory import (MemoryEdit, MemoryVector, StateContributions, erase_memory, key_from, key_of, value_from,
+                     write_memory)
 from .modules import instrument, is_instrumented, uninstrument
 from .probes import READ_ONLY, parse, probe_names, select
 from .session import Session
@@ -18,6 +20,8 @@ from .trace import Trace
 __all__ = [
     "Edit", "Session", "Trace", "estimate_capture_bytes", "instrument", "is_instrumented", "patch",
     "plan", "probe_names", "replace", "scale", "uninstrument", "zero",
+    "MemoryEdit", "MemoryVector", "StateContributions", "erase_memory", "key_from", "key_of", "value_from",
+    "write_memory",
 ]
 
 
@@ -28,6 +32,8 @@ def plan(config, capture, edits) -> tuple[list[str], dict[str, Edit]]:
     names = select(capture, valid, list(text.layer_types)) if capture is not None else []
     resolved: dict[str, Edit] = {}
     for key, spec in (edits or {}).items():
+        if isinstance(spec, MemoryEdit):
+            _check_memory_target(key, text)
         targets = select(key, valid, list(text.layer_types))
         for name in targets:
             kind = parse(name)[1]
@@ -36,7 +42,25 @@ def plan(config, capture, edits) -> tuple[list[str], dict[str, Edit]]:
                                  + ("edit 'attn.probs' instead of the summary" if kind == "attn.summary"
                                     else "edit the inputs of the conv instead"))
             resolved[name] = as_edit(name, spec)
+            if isinstance(spec, MemoryEdit):
+                spec.validate(name, text)  # key / value sizes, heads, the layer's type: before running
     return names, resolved
+
+
+def _check_memory_target(key, text) -> None:
+    """A memory write / erase names a DeltaNet state; a gated-attention layer has none."""
+    from ..checks import BadValue
+
+    if not isinstance(key, str) or any(c in key for c in "*?["):
+        return  # globs and lists: each selected name is checked by MemoryEdit.validate
+    layer, kind = parse(key)
+    types = list(text.layer_types)
+    if layer is not None and key.startswith("layers.") and layer < len(types) and types[layer] != "linear_attention":
+        raise BadValue(f"layer {layer} is a {types[layer]} (gated attention) layer: it has no recurrent state to write "
+                       f"or erase; DeltaNet layers: {[i for i, t in enumerate(types) if t == 'linear_attention']}")
+    if kind != "deltanet.state":
+        raise BadValue(f"memory writes and erasures edit a DeltaNet state: key them by 'layers.i.deltanet.state', "
+                       f"not {key!r}")
 
 
 def head_counts(config) -> dict[str, int]:

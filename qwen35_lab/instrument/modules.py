@@ -345,7 +345,7 @@ def _begin_call_hook(module, args, kwargs):
             getattr(layer, "has_previous_state", None), (list, tuple)) else bool(getattr(layer, "has_previous_state", False))
             for layer in getattr(past, "layers", []))
         past_len = n if n > 0 else (None if has_prev else 0)
-    s.begin_call(length, past_len, batch_size=(ids if ids is not None else embeds).shape[0])
+    s.begin_call(length, past_len, batch_size=(ids if ids is not None else embeds).shape[0], cached=past is not None)
     if ids is not None:
         s.token_chunks.append(ids.detach())
     return None

@@ -88,16 +88,32 @@ class Session:
     # ------------------------------------------------------------- calls
     first_call_check = None  # (B, T) -> None; may raise before the first forward runs
 
-    def begin_call(self, length: int, past_length: int | None, batch_size: int = 1) -> None:
-        """Called before each model forward with the number of new tokens and the cache length."""
+    def begin_call(self, length: int, past_length: int | None, batch_size: int = 1, cached: bool = False) -> None:
+        """Called before each model forward with the number of new tokens and the cache length.
+
+        ``cached``: the call carries a cache, so later calls may follow (generation); without one the
+        input is the whole sequence and memory edits at positions past it are refused here.
+        """
         if self.calls == 0 and self.first_call_check is not None:
             self.first_call_check(batch_size, length)
+        if self.calls == 0 and not cached:
+            self._check_memory_edit_positions(length)
         if past_length is None:
             past_length = self.seen if self.calls else 0
         self.offset = past_length
         self.length = length
         self.seen = past_length + length
         self.calls += 1
+
+    def _check_memory_edit_positions(self, length: int) -> None:
+        """Refuse a memory write / erase at a position outside the input, before any work."""
+        from ..checks import check_indices
+        from .memory import MemoryEdit
+
+        for name, edit in self.edits.items():
+            if isinstance(edit, MemoryEdit) and edit.positions is not None:
+                check_indices(f"positions of the edit on {name!r}", edit.positions, length,
+                              what=f"the input ({length} tokens)")
 
     # -------------------------------------------------------- selections
     def wants(self, name: str) -> bool:

@@ -17,6 +17,7 @@ import torch
 
 from .._io import atomic_directory
 from .. import ops
+from . import memory as _memory
 from .probes import layout, parse
 
 __all__ = ["Trace"]
@@ -183,6 +184,26 @@ class Trace:
     def state_inputs(self, layer: int) -> dict[str, torch.Tensor]:
         """q, k (normalised, per value head), v, g, beta of a layer whose state was captured."""
         return dict(self._state_layer(layer)["inputs"])
+
+    # -------------------------------------------------------------- memory
+    def read_memory(self, layer: int, t: int, key, *, heads=None, lab=None, kind: str = "k") -> torch.Tensor:
+        """``S_tᵀ k̂`` ``[B, h, V]``: what DeltaNet ``layer`` returns for ``key`` after token ``t``.
+
+        ``key``: a vector, a position of this trace, ``key_from(other_trace, position)`` or a token
+        (a string, with ``lab=``). See :func:`qwen35_lab.instrument.memory.read_memory`.
+        """
+        return _memory.read_memory(self, layer, t, key, heads=heads, lab=lab, kind=kind)
+
+    def nearest_values(self, layer: int, read: torch.Tensor, *, heads=None, positions=None, top: int = 5,
+                       batch: int = 0) -> list[list[dict]]:
+        """The value tokens whose written vectors ``v_p`` are nearest (cosine) to ``read``, per head."""
+        return _memory.nearest_values(self, layer, read, heads=heads, positions=positions, top=top, batch=batch)
+
+    def state_contributions(self, layer: int, t: int, *, heads=None, matrices=None, since: int = 0):
+        """Exact ``S_t = carried + Σ_s C_s``: what each token ``s ≤ t`` still contributes to the state
+        (per-token norms, what decay and later writes removed; full ``C_s`` for ``matrices``).
+        See :class:`qwen35_lab.instrument.memory.StateContributions`."""
+        return _memory.state_contributions(self, layer, t, heads=heads, matrices=matrices, since=since)
 
     # ---------------------------------------------------------- segments
     def segment_slice(self, index: int) -> slice:
