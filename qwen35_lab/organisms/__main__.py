@@ -3,6 +3,9 @@
     build tiny [--out DIR]
     train NAME [--seed S] [--out DIR] [--minutes M]
     evaluate NAME_OR_DIR [--length L] [--n N] [--seed S]
+
+``train chat`` trains the chat organism (``qwen35_lab.organisms.chat``); ``evaluate chat``
+generates replies to fresh conversations (``chat_eval.evaluate``, ``--n`` per cell).
 """
 
 from __future__ import annotations
@@ -21,10 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("name", choices=sorted(BUILDERS))
     b.add_argument("--out", default=None, help="output directory (default: data/organisms/NAME)")
     t = sub.add_parser("train", help="train a task organism from a seed (CPU)")
-    t.add_argument("name", choices=TRAINABLE)
+    t.add_argument("name", choices=sorted(set(TRAINABLE) | {"chat"}))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output directory (default: data/organisms/NAME)")
-    t.add_argument("--minutes", type=float, default=55.0, help="wall-clock cap (default 55)")
+    t.add_argument("--minutes", type=float, default=None, help="wall-clock cap (default 55; chat: 70)")
     e = sub.add_parser("evaluate", help="accuracy of a trained organism on fresh data")
     e.add_argument("name", help="organism name or checkpoint directory")
     e.add_argument("--length", type=int, default=None, help="recall: pairs; passkey: filler tokens "
@@ -36,9 +39,15 @@ def main(argv: list[str] | None = None) -> int:
         path = build(args.name, args.out)
         print(f"built {args.name} in {path}")
     elif args.command == "train":
-        from .train import train
+        if args.name == "chat":
+            from .chat import train as train_chat
 
-        path = train(args.name, seed=args.seed, out_dir=args.out, minutes=args.minutes)
+            path = train_chat(seed=args.seed, out_dir=args.out, **({} if args.minutes is None else {"minutes": args.minutes}))
+        else:
+            from .train import train
+
+            path = train(args.name, seed=args.seed, out_dir=args.out,
+                         minutes=55.0 if args.minutes is None else args.minutes)
         print(f"trained {args.name} in {path}")
     else:
         from .. import load
@@ -48,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         task = (lab.meta or {}).get("task")
         if task is None:
             parser.error(f"{args.name!r} is not a trained task organism (no 'task' in its qwen35_lab.json)")
+        if task == "chat":
+            from .chat_eval import evaluate as evaluate_chat
+
+            print(json.dumps(evaluate_chat(lab, n=args.n, seed=args.seed)))
+            return 0
         print(json.dumps(evaluate(lab, task, length=args.length, n=args.n, seed=args.seed)))
     return 0
 
