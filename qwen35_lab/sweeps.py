@@ -195,9 +195,9 @@ class _Store:
         if stored is not None:
             difference = _difference(stored, wanted)
             if difference is not None:
-                raise checks.BadValue(
-                    f"output {str(output)!r} holds a different sweep ({difference}); give another output path, "
-                    f"or delete {str(output)!r} (and {str(self.partial)!r}) to start over")
+                held = " and ".join(repr(str(p)) for p in (output, self.partial) if p.exists())
+                raise checks.BadValue(f"output {str(output)!r} holds a different sweep ({difference}); give another "
+                                      f"output path, or delete {held} to start over")
         if output.is_file():
             self.tables.append(_read_table(output).select(list(self.schema.names)).cast(self.schema))
         if self.partial.is_dir():
@@ -379,12 +379,15 @@ def _model_name(lab, remote: bool) -> str:
 async def _serve(backend, prompts, settings, jobs: list[_Job], store: _Store, bar, failures: list, *, seed: int,
                  max_new_tokens: int, loop_threshold: float, concurrency: int) -> None:
     """Up to ``concurrency`` requests in flight; each answer's rows go to the store as they come."""
+    from .tokenizer import get_tokenizer
+
     todo = iter(jobs)
     resolved = [resolve(s) for s in settings]
+    tokenizer = get_tokenizer()  # the served texts are counted with it
 
     async def worker(client):
         for job in todo:  # one shared iterator: each job is taken once
-            for row in await _served_rows(backend, client, job, prompts, settings, resolved, seed=seed,
+            for row in await _served_rows(backend, client, job, prompts, settings, resolved, tokenizer, seed=seed,
                                           max_new_tokens=max_new_tokens, loop_threshold=loop_threshold):
                 store.add(row)
                 if row["error"] is not None:
@@ -409,8 +412,8 @@ def _gist(error: str, most: int = 80) -> str:
     return text[:most] + ("…" if len(text) > most else "")
 
 
-async def _served_rows(backend, client, job: _Job, prompts, settings, resolved, *, seed: int, max_new_tokens: int,
-                       loop_threshold: float) -> list[dict]:
+async def _served_rows(backend, client, job: _Job, prompts, settings, resolved, tokenizer, *, seed: int,
+                       max_new_tokens: int, loop_threshold: float) -> list[dict]:
     from .backends import BackendError, RateLimited, ServerUnreachableError, UnsupportedFieldError
 
     prompt, setting = prompts[job.prompt_index], settings[job.setting]
@@ -432,17 +435,15 @@ async def _served_rows(backend, client, job: _Job, prompts, settings, resolved, 
         row.update({name: body.get(name) for name in PARAMETERS})  # what the server was told (None: its default)
         row.update(setting=job.setting, error=error)
         if completion is not None:
-            row.update(_served_measures(completion, loop_threshold, shared_usage=len(job.samples) > 1))
+            row.update(_served_measures(completion, tokenizer, loop_threshold, shared_usage=len(job.samples) > 1))
         rows.append(row)
     return rows
 
 
-def _served_measures(result, loop_threshold: float, *, shared_usage: bool) -> dict:
-    """A served completion's measures (tokens counted with the Qwen3.5 tokenizer). ``shared_usage``:
-    the server's token counts cover several choices, so the count of this one is the tokenizer's."""
-    from .tokenizer import get_tokenizer
-
-    tok = get_tokenizer()
+def _served_measures(result, tok, loop_threshold: float, *, shared_usage: bool) -> dict:
+    """A served completion's measures (tokens counted with ``tok``, the Qwen3.5 tokenizer).
+    ``shared_usage``: the server's token counts cover several choices, so the count of this one is
+    the tokenizer's."""
     reasoning_ids = tok(result.reasoning or "", add_special_tokens=False)["input_ids"]
     ids = reasoning_ids + tok(result.answer, add_special_tokens=False)["input_ids"]
     finished = result.finish_reason == "stop"
