@@ -272,3 +272,35 @@ def test_card_transplant_on_recall_linear(recall_linear):
     ctrl = np.mean(_hits(lab, lab.run(ids, capture="logits", edits={"layers.0.deltanet.state":
                                                                      edit.random_control(5)})["logits"], rows, first))
     assert rate >= 0.80 and base <= 0.05 and ctrl <= 0.05, (rate, base, ctrl)
+
+
+def test_card_erase_on_recall_linear(recall_linear):
+    """Card: erasing a pair's main write (2j+2, all heads of layer 0) at '?' leaves the other seven keys within
+    5 points of their accuracy but the erased key well above chance (0.235 over 600 prompts); erasing both of
+    its writes (2j+1, 2j+2) brings it to chance or below (0.008) while the others lose about 6 points; a
+    control erasing a random key leaves the erased key at its accuracy."""
+    lab, items = recall_linear, _prompts(150, seed=9191)
+    rows = [w for w, _, _, _ in items]
+    ids = _ids(lab, rows)
+    own = lab.run(ids, capture="layers.0.deltanet.state")
+    target, others = [], []
+    for w, _, _, j in items:
+        q = [(p, w[p]) for p in range(Q_POS + 2, len(w), 2)]
+        target.append([(p, a) for p, a in q if w[p - 1] == w[2 * j]])
+        others.append([(p, a) for p, a in q if w[p - 1] != w[2 * j]])
+    chance = np.mean([sum(w[2 * i + 1] == w[2 * j + 1] for i in range(N_PAIRS)) / N_PAIRS for w, _, _, j in items])
+
+    def rates(edit=None):
+        lg = lab.run(ids, capture="logits", edits=None if edit is None else {"layers.0.deltanet.state": edit})["logits"]
+        return np.mean(_hits(lab, lg, rows, target)), np.mean(_hits(lab, lg, rows, others))
+
+    base_t, base_o = rates()
+    main = erase_memory(key_from(own, [2 * j + 2 for *_, j in items]), positions=[Q_POS])
+    both = erase_memory([key_from(own, [2 * j + o for *_, j in items]) for o in (1, 2)], positions=[Q_POS])
+    main_t, main_o = rates(main)
+    both_t, both_o = rates(both)
+    ctrl_t, _ = rates(main.random_control(3, match="key"))
+    assert base_t >= 0.9 and 0.10 <= chance <= 0.18
+    assert abs(main_o - base_o) <= 0.05 and 0.1 <= main_t <= 0.4, (base_o, main_o, main_t)
+    assert both_t <= chance + 0.05 and base_o - 0.12 <= both_o <= base_o - 0.01, (both_t, both_o, base_o)
+    assert ctrl_t >= base_t - 0.06, (ctrl_t, base_t)
