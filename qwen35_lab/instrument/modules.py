@@ -165,6 +165,8 @@ class InstrumentedGatedDeltaNet(hf.Qwen3_5GatedDeltaNet):
             ops.recurrent_gated_delta_step(q[:, stop], k[:, stop], v[:, stop], g[:, stop], beta[:, stop], state,
                                            use_qk_l2norm=False, in_place=True)
             state = s.edit_state(L, stop, state)
+            if capture_state:  # the edited S_stop, so that replay from here starts from it
+                s.record_checkpoint(L, s.offset + stop + 1, state)
             rep = HV // H
             q_t = q[:, stop].repeat_interleave(rep, dim=1) * K**-0.5  # [B, HV, K]
             outs.append(torch.einsum("bhkv,bhk->bhv", state, q_t)[:, None].float())
