@@ -686,3 +686,45 @@ def plot_next_token(runs: dict, tokenizer, *, k: int = 10, batch: int = 0) -> Fi
         movers.set_xlabel(f"log p({labels[-1]}) − log p({labels[0]})", fontsize=9)
         movers.set_title("largest changes", fontsize=10)
     return fig
+
+
+# ----------------------------------------------------------------------------- state attribution
+
+def plot_state_contributions(contributions, *, batch: int = 0) -> Figure:
+    """What a DeltaNet state still holds of each earlier token, per head (from ``trace.state_contributions``).
+
+    Top: ``‖C_s‖_F``, the part of ``S_t`` that token ``s`` wrote and that is still there. Bottom: the
+    fraction of token ``s``'s write that later writes erased (``erased / decayed``: the delta rule's
+    ``−β_r k_r k_rᵀ``, on top of the decay), 0 for a write nothing overwrote.
+    """
+    from .checks import BadType, check_index
+    from .instrument.memory import StateContributions
+
+    if not isinstance(contributions, StateContributions):
+        raise BadType(f"expected trace.state_contributions(layer, t), got {type(contributions).__name__}")
+    c = contributions
+    batch = check_index("batch", batch, c.held.shape[0], what="the contributions' batch")
+    held = c.held[batch].numpy()  # [h, S]
+    erased = (c.erased[batch] / c.decayed[batch].clamp_min(1e-30)).clamp(0, 1).numpy()
+    n = len(c.positions)
+    fig = _new_figure((min(16.0, max(6.0, 3.0 + 0.22 * n)), 2.2 + 0.45 * len(c.heads) * 2))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    im = top.imshow(held, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0,
+                    vmax=float(held.max()) or 1.0)
+    fig.colorbar(im, ax=top, label="‖C_s‖ (held)", pad=0.01)
+    im2 = bottom.imshow(erased, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=1.0)
+    fig.colorbar(im2, ax=bottom, label="erased fraction", pad=0.01)
+    for ax in (top, bottom):
+        ax.set_yticks(range(len(c.heads)), [str(h) for h in c.heads], fontsize=8)
+        ax.set_ylabel("head")
+    if n <= MAX_LABELLED_TOKENS:
+        bottom.set_xticks(range(n), [_readable(s) for s in c.tokens], rotation=90, fontsize=8 if n <= 40 else 6)
+    else:
+        step = _nice_step(n / 16)
+        idx = [i for i, p in enumerate(c.positions) if p % step == 0] or [0]
+        bottom.set_xticks(idx, [str(c.positions[i]) for i in idx], fontsize=8)
+    bottom.set_xlabel("source token s")
+    top.set_title(f"Layer {c.layer}: what S_t at t = {c.t} ({_readable(c.tokens[-1])!r}) still holds of each token",
+                  fontsize=10)
+    bottom.set_title("how much of each write later writes erased (beyond decay)", fontsize=10)
+    return fig
