@@ -316,3 +316,15 @@ def test_card_erase_on_recall_linear(recall_linear):
     assert abs(main_o - base_o) <= 0.05 and 0.1 <= main_t <= 0.4, (base_o, main_o, main_t)
     assert both_t <= chance + 0.05 and base_o - 0.12 <= both_o <= base_o - 0.01, (both_t, both_o, base_o)
     assert ctrl_t >= base_t - 0.06, (ctrl_t, base_t)
+
+
+def test_the_attribution_plot(tiny):
+    from qwen35_lab import viz
+
+    tr = tiny.run(tiny.encode(TEXT[:60]), capture="layers.0.deltanet.state")
+    fig = viz.plot_state_contributions(tr.state_contributions(0, 10, heads=[0, 2]))
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    assert len(images) == 2 and images[0].get_array().shape == (2, 11)
+    assert images[1].get_clim() == (0.0, 1.0)  # erased fraction
+    with pytest.raises(BadType):
+        viz.plot_state_contributions(tr)
