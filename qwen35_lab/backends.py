@@ -44,8 +44,8 @@ import json
 import numbers
 import random
 import re
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import httpx
@@ -421,13 +421,32 @@ class OpenAIBackend:
 
 def run_sync(coro):
     """Run a coroutine to its end from synchronous code, also where an event loop already runs
-    (Jupyter): there in a thread of its own."""
+    (Jupyter): there on a loop in a thread of its own, cancelled if the caller is interrupted."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:
         return asyncio.run(coro)
-    with ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(coro)
+    finished = threading.Event()  # (not Thread.join: an interrupted join can return early afterwards)
+
+    def run():
+        try:
+            loop.run_until_complete(asyncio.wait([task]))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+        finally:
+            loop.close()
+            finished.set()
+
+    threading.Thread(target=run, name="qwen35_lab.run_sync", daemon=True).start()
+    try:
+        while not finished.wait(0.1):
+            pass
+    except BaseException:  # KeyboardInterrupt: the kernel's interrupt button
+        loop.call_soon_threadsafe(task.cancel)
+        finished.wait()
+        raise
+    return task.result()
 
 
 def _check_mm_kwargs(kwargs) -> None:

@@ -4,14 +4,17 @@ local FakeServer (127.0.0.1), each test's reply written by hand in the test or t
 
 from __future__ import annotations
 
+import _thread
+import asyncio
 import re
+import threading
 
 import httpx
 import pytest
 
 from qwen35_lab import checks
 from qwen35_lab.backends import (BackendError, BadReply, OpenAIBackend, RateLimited, RetryPolicy,
-                                 ServerUnreachableError, UnsupportedFieldError)
+                                 ServerUnreachableError, UnsupportedFieldError, run_sync)
 from qwen35_lab.testing import FakeServer
 
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
@@ -121,16 +124,10 @@ def test_n_choices_come_back_in_order_and_greedy_n_is_refused():
     with FakeServer() as server:
         backend = _backend(server)
         body = backend.request_body(MESSAGES, temperature=1.0, seed=7, n=3)
-        completions = httpx_run(backend.complete(body))
+        completions = run_sync(backend.complete(body))
         assert [c.answer.split(" | ")[1] for c in completions] == ["seed=7 T=1.0", "seed=8 T=1.0", "seed=9 T=1.0"]
         with pytest.raises(UnsupportedFieldError, match=r"rejected n \(HTTP 400: n must be 1 when using greedy"):
-            httpx_run(backend.complete(backend.request_body(MESSAGES, temperature=0.0, n=2)))
-
-
-def httpx_run(coro):
-    from qwen35_lab.backends import run_sync
-
-    return run_sync(coro)
+            run_sync(backend.complete(backend.request_body(MESSAGES, temperature=0.0, n=2)))
 
 
 @pytest.mark.parametrize("make,error,pattern", [
@@ -161,3 +158,30 @@ def test_the_fake_server_binds_localhost_and_stops_by_itself():
         backend.chat(MESSAGES), backend.chat(MESSAGES)
         with pytest.raises((BackendError, ServerUnreachableError)):
             backend.chat(MESSAGES)
+
+
+def test_run_sync_inside_a_running_loop_stops_when_interrupted():
+    """In Jupyter a loop already runs: the request runs on a loop in a thread, and the kernel's
+    interrupt (a KeyboardInterrupt in the main thread) cancels it instead of waiting for it."""
+    seen = []
+
+    async def slow():
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            seen.append("cancelled")
+            raise
+
+    async def cell():  # what a notebook cell is: code running while the kernel's loop runs
+        assert run_sync(asyncio.sleep(0, result="done")) == "done"
+        threading.Timer(0.3, _thread.interrupt_main).start()
+        with pytest.raises(KeyboardInterrupt):
+            run_sync(slow())
+        assert seen == ["cancelled"]  # cancelled, not left running
+
+    loop = asyncio.new_event_loop()  # run_until_complete leaves SIGINT to Python, as ipykernel does
+    try:
+        loop.run_until_complete(cell())
+    finally:
+        loop.close()
+    assert seen == ["cancelled"]
