@@ -1,9 +1,12 @@
 """Check the memory planner against measured peak memory of real prefills on CPU.
 
 Each run builds a random-weight Qwen3.5-0.8B of the real widths with 4 layers
-(3 Gated DeltaNet + 1 gated attention, text only) in a fresh subprocess,
-warms it up on a short input, then prefills ``context`` tokens through a
-``DynamicCache`` (whole, or in chunks) keeping the last logits, and records the
+(3 Gated DeltaNet + 1 gated attention, text only), or loads an organism, in a
+fresh subprocess, warms it up on a short input, then prefills ``context``
+tokens through a ``DynamicCache`` (whole, or in chunks) keeping the last
+logits — in chunks either with transformers' sdpa (a ``[chunk, context]``
+mask and K/V repeated per query head) or with the chunked attention
+``chunked_prefill`` runs (``longctx.attention``: neither) — and records the
 growth of the process's peak resident memory (``VmHWM``, reset through
 ``/proc/self/clear_refs`` just before the run). glibc's mmap threshold is fixed
 at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so freed tensors go back to the system
@@ -11,8 +14,9 @@ and resident memory follows live tensors. The planner's ``runtime`` (KV cache
 + DeltaNet and conv states + the largest per-layer working set) is set beside
 each measurement.
 
-    python benchmarks/memory_planner_check.py            # all runs (~10 min on 2 busy cores)
-    python benchmarks/memory_planner_check.py --quick    # two short runs
+    python benchmarks/memory_planner_check.py            # all runs (~25 min on 2 busy cores)
+    python benchmarks/memory_planner_check.py --quick    # three short runs
+    python benchmarks/memory_planner_check.py --attention-only   # only the chunked-prefill rows
 
 Writes ``benchmarks/results/memory_planner_check.json``.
 """
@@ -35,7 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "memory_planner_check.json"
 MODEL = "Qwen3.5-0.8B"
 NUM_LAYERS = 4
-RUNS = [  # (dtype, context, prefill_chunk)
+ORGANISM = "passkey"
+RUNS = [  # (dtype, context, prefill_chunk): the 0.8B shape with transformers' sdpa
     ("float32", 512, None),
     ("float32", 2048, None),
     ("float32", 8192, None),
@@ -43,25 +48,37 @@ RUNS = [  # (dtype, context, prefill_chunk)
     ("bfloat16", 2048, None),
     ("bfloat16", 8192, 2048),
 ]
-QUICK = [("float32", 512, None), ("float32", 2048, 512)]
+ATTENTION_RUNS = [  # (model, dtype, context, prefill_chunk, attention): chunked prefill, sdpa against ours
+    (MODEL, "float32", 8192, 1024, "chunked"),
+    (MODEL, "float32", 32768, 2048, "chunked"),
+    (ORGANISM, "float32", 16384, 2048, "sdpa"),
+    (ORGANISM, "float32", 16384, 2048, "chunked"),
+    (ORGANISM, "float32", 65536, 4096, "chunked"),
+]
+QUICK = [("float32", 512, None)]
+QUICK_ATTENTION = [(MODEL, "float32", 2048, 512, "chunked"), (ORGANISM, "float32", 4096, 1024, "chunked")]
 TOLERANCE = 0.15
 
 
-def planner_config():
-    """The text config of the measured model: the real 0.8B widths, 4 layers."""
+def planner_config(model: str):
+    """The text config of the measured model: the real 0.8B widths with 4 layers, or the organism's."""
     from qwen35_lab import configs
 
+    if model != MODEL:
+        return model
     config = configs.config_for(MODEL).text_config
     config.num_hidden_layers = NUM_LAYERS
     config.layer_types = configs.layer_types(NUM_LAYERS)
     return config
 
 
-def plan(dtype: str, context: int, chunk: int | None):
+def plan(dtype: str, context: int, chunk: int | None, attention: str = "sdpa", model: str = MODEL):
     from qwen35_lab.longctx import plan_memory
+    from qwen35_lab.longctx.attention import ATTN_IMPLEMENTATION
 
-    return plan_memory(planner_config(), context, dtype=dtype, text_only=True, prefill_chunk=chunk,
-                       attn_implementation="sdpa", logits="last")
+    attn = ATTN_IMPLEMENTATION if attention == "chunked" else attention
+    return plan_memory(planner_config(model), context, dtype=dtype, text_only=True, prefill_chunk=chunk,
+                       attn_implementation=attn, logits="last")
 
 
 # ------------------------------------------------------------------ worker
@@ -73,24 +90,33 @@ def _status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(dtype: str, context: int, chunk: int | None) -> dict:
+def worker(model_name: str, dtype: str, context: int, chunk: int | None, attention: str) -> dict:
+    import contextlib
     import gc
 
     import torch
     from transformers import DynamicCache
 
     from qwen35_lab.configs import build_random
+    from qwen35_lab.longctx.attention import chunked_attention
 
     torch.set_num_threads(1)
     before_model = _status("VmRSS")
-    model = build_random(MODEL, num_hidden_layers=NUM_LAYERS, text_only=True, dtype=dtype)
+    if model_name == MODEL:
+        model = build_random(MODEL, num_hidden_layers=NUM_LAYERS, text_only=True, dtype=dtype)
+    else:
+        import qwen35_lab as ql
+
+        model = ql.load(model_name, dtype=dtype, device="cpu").model
     model.config._attn_implementation = "sdpa"
     weights_rss = _status("VmRSS") - before_model
-    ids = torch.randint(0, model.config.vocab_size - 1000, (1, context), generator=torch.Generator().manual_seed(0))
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, max(2, vocab - 1000), (1, context), generator=torch.Generator().manual_seed(0))
 
     def prefill(x, step):
         cache = DynamicCache(config=model.config)
-        with torch.no_grad():
+        switch = chunked_attention(model) if attention == "chunked" else contextlib.nullcontext()
+        with torch.no_grad(), switch:
             for s in range(0, x.shape[1], step):
                 out = model(input_ids=x[:, s:s + step], past_key_values=cache, use_cache=True, logits_to_keep=1)
                 cache = out.past_key_values
@@ -113,17 +139,19 @@ def worker(dtype: str, context: int, chunk: int | None) -> dict:
 
 
 # ------------------------------------------------------------------ driver
-def run_one(dtype: str, context: int, chunk: int | None) -> dict:
+def run_one(model: str, dtype: str, context: int, chunk: int | None, attention: str) -> dict:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, __file__, "--worker", json.dumps([dtype, context, chunk])]
+    cmd = [sys.executable, __file__, "--worker", json.dumps([model, dtype, context, chunk, attention])]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
-        raise RuntimeError(f"worker {dtype} {context} {chunk} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"worker {model} {dtype} {context} {chunk} {attention} failed:\n{out.stderr[-3000:]}")
     measured = json.loads(out.stdout.strip().splitlines()[-1])
-    p = plan(dtype, context, chunk)
+    p = plan(dtype, context, chunk, attention, model)
+    dense = plan(dtype, context, chunk, "sdpa", model)
     ratio = measured["measured_peak_growth"] / p["runtime"]
     return {
-        "dtype": dtype, "context": context, "prefill_chunk": chunk,
+        "model": model, "dtype": dtype, "context": context, "prefill_chunk": chunk, "attention": attention,
+        "planned_runtime_sdpa": dense["runtime"],
         "planned_runtime": p["runtime"], "planned_kv_cache": p["kv_cache"],
         "planned_deltanet_state": p["deltanet_state"], "planned_conv_state": p["conv_state"],
         "planned_activations": p["activations"], "planned_peak_layer": p["peak_layer"],
@@ -136,35 +164,47 @@ def run_one(dtype: str, context: int, chunk: int | None) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="two short runs")
+    parser.add_argument("--quick", action="store_true", help="three short runs")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="run only the chunked-prefill attention comparison; keep the rows already in --out")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     if args.worker:
-        dtype, context, chunk = json.loads(args.worker)
-        print(json.dumps(worker(dtype, context, chunk)))
+        print(json.dumps(worker(*json.loads(args.worker))))
         return
 
     import torch
     import transformers
 
-    rows = []
-    print(f"{'dtype':<9} {'context':>8} {'chunk':>6} {'planned':>10} {'measured':>10} {'ratio':>6} {'time':>7}")
-    for dtype, context, chunk in (QUICK if args.quick else RUNS):
-        r = run_one(dtype, context, chunk)
-        rows.append(r)
-        print(f"{dtype:<9} {context:>8} {str(chunk or '-'):>6} {r['planned_runtime'] / 1e6:>8.1f}MB "
-              f"{r['measured_peak_growth'] / 1e6:>8.1f}MB {r['measured_over_planned']:>6.3f} {r['seconds']:>6.1f}s",
+    rows, attention_rows = [], []
+    print(f"{'model':<13} {'dtype':<9} {'context':>8} {'chunk':>6} {'attention':>9} {'planned':>10} "
+          f"{'measured':>10} {'ratio':>6} {'sdpa plan':>10} {'time':>7}")
+    kept = []
+    if args.attention_only:
+        kept = json.loads(Path(args.out).read_text())["rows"]
+    runs = [] if args.attention_only else [(MODEL, *r, "sdpa") for r in (QUICK if args.quick else RUNS)]
+    runs += QUICK_ATTENTION if args.quick else ATTENTION_RUNS
+    for i, (model, dtype, context, chunk, attention) in enumerate(runs):
+        r = run_one(model, dtype, context, chunk, attention)
+        (rows if i < len(runs) - len(QUICK_ATTENTION if args.quick else ATTENTION_RUNS) else attention_rows).append(r)
+        print(f"{model:<13} {dtype:<9} {context:>8} {str(chunk or '-'):>6} {attention:>9} "
+              f"{r['planned_runtime'] / 1e6:>8.1f}MB {r['measured_peak_growth'] / 1e6:>8.1f}MB "
+              f"{r['measured_over_planned']:>6.3f} {r['planned_runtime_sdpa'] / 1e6:>8.1f}MB {r['seconds']:>6.1f}s",
               flush=True)
     result = {
         "what": "peak resident-memory growth of a prefill against plan_memory(...)['runtime']",
-        "model": f"{MODEL} widths, {NUM_LAYERS} layers (3 Gated DeltaNet + 1 gated attention), random weights, text only",
+        "models": {MODEL: f"{MODEL} widths, {NUM_LAYERS} layers (3 Gated DeltaNet + 1 gated attention), random "
+                          f"weights, text only", ORGANISM: f"the {ORGANISM} organism (data/organisms/{ORGANISM})"},
+        "attention": {"sdpa": "transformers' sdpa: in chunks a [chunk, context] mask and K/V repeated per query head",
+                      "chunked": "longctx.attention.chunk_attention (what chunked_prefill runs): neither"},
         "method": "subprocess per run; warm-up on 256 tokens; VmHWM reset via /proc/self/clear_refs; "
                   "MALLOC_MMAP_THRESHOLD_=65536; 1 thread; sdpa attention; DynamicCache; logits_to_keep=1",
         "tolerance": TOLERANCE,
         "torch": torch.__version__, "transformers": transformers.__version__, "machine": platform.machine(),
-        "rows": rows,
-        "all_within_tolerance": all(r["within_tolerance"] for r in rows),
+        "rows": kept + rows,
+        "attention_rows": attention_rows,
+        "all_within_tolerance": all(r["within_tolerance"] for r in kept + rows + attention_rows),
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,13 @@ at each layer's peak, per token and batch item:
   ``2 · Hq · head_dim · T · b`` over the whole cached length ``T``, and sdpa
   converts the mask to the model dtype, ``c · T · b`` (per chunk, not per
   token). ``eager`` always repeats K and V and also forms
-  ``Hq · c · T · (2b + 4)`` bytes of scores and fp32 softmax;
+  ``Hq · c · T · (2b + 4)`` bytes of scores and fp32 softmax.
+  ``qwen35_lab_chunked`` (:func:`~qwen35_lab.longctx.attention.chunk_attention`,
+  what :func:`~qwen35_lab.longctx.chunked_prefill` runs) forms neither the mask
+  nor the repeated K/V: it holds the two partial outputs, their fp32 merge and
+  the folded queries, ``Hq · head_dim · c · (3b + 12)``; while the cache grows
+  by one chunk, the layer's previous K and V, ``2 · Hkv · head_dim · (T - c) · b``,
+  are alive beside the new ones (``torch.cat``);
 * FFN: ``(3 · I + D) · b`` (the activated gate, the up projection, their
   product and the output);
 * logits: ``vocab · b`` for the last position only (``logits="last"``, what a
@@ -63,7 +69,8 @@ __all__ = ["MemoryPlan", "plan_memory", "check_fits", "memory_table", "format_me
 DELTA_RULE_CHUNK = 64  # transformers' torch_chunk_gated_delta_rule chunk size
 _DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
            "float32": torch.float32, "fp32": torch.float32}
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+CHUNKED = "qwen35_lab_chunked"  # longctx.attention.chunk_attention, what chunked_prefill runs
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3", CHUNKED)
 COMPONENTS = ("weights", "vision_weights", "kv_cache", "deltanet_state", "conv_state", "activations")
 
 
@@ -198,7 +205,8 @@ def plan_memory(model, context: int, dtype=None, batch: int = 1, text_only: bool
         text_only: leave out the vision tower (the cards' ``--language-model-only``).
         prefill_chunk: tokens per forward during prefill (see :func:`chunked_prefill`);
             None = the whole context in one forward.
-        attn_implementation: ``"sdpa"`` (default) or ``"eager"`` (forms the score matrix).
+        attn_implementation: ``"sdpa"`` (default), ``"eager"`` (forms the score matrix) or
+            ``"qwen35_lab_chunked"`` (what :func:`chunked_prefill` runs: no mask, no repeated K/V).
         logits: ``"last"`` (prefill keeps the last position's logits) or ``"all"``.
 
     Returns a :class:`MemoryPlan`: ``weights``, ``vision_weights``, ``kv_cache``,
@@ -248,7 +256,10 @@ def plan_memory(model, context: int, dtype=None, batch: int = 1, text_only: bool
         "mlp": shared + (3 * I + D) * b,
     }
     working_sets = {k: v * c * batch for k, v in per_token.items() if k in kinds or k == "mlp"}
-    if "full_attention" in working_sets:
+    if "full_attention" in working_sets and attn == CHUNKED:
+        working_sets["full_attention"] += Hq * hd * c * (3 * b + 12) * batch
+        working_sets["full_attention"] += 2 * Hkv * hd * (T - c) * b * batch  # the cache before torch.cat
+    elif "full_attention" in working_sets:
         masked = chunked or attn == "eager"  # a mask makes transformers repeat K and V per query head
         if masked and Hq != Hkv:
             working_sets["full_attention"] += 2 * Hq * hd * T * b * batch
@@ -257,7 +268,7 @@ def plan_memory(model, context: int, dtype=None, batch: int = 1, text_only: bool
         if attn == "eager":
             working_sets["full_attention"] += Hq * c * T * (2 * b + 4) * batch
     working_sets["logits"] = (shared + V_vocab * b) * batch * (1 if logits == "last" else c)
-    if chunked:  # the boolean causal mask lives through every layer of the forward
+    if chunked and attn != CHUNKED:  # the boolean causal mask lives through every layer of the forward
         working_sets = {k: v + c * T * batch for k, v in working_sets.items()}
     peak_layer = max(working_sets, key=working_sets.get)
     activations = working_sets[peak_layer]

@@ -3,8 +3,10 @@
 A Qwen3.5 prefill can run in chunks of ``chunk_size`` tokens: each forward
 continues the previous one through transformers' ``DynamicCache`` (the
 DeltaNet layers carry their fixed-size state and conv window, the attention
-layers a KV cache that grows by one chunk). Peak memory is then the cache plus
-one chunk's working set instead of the whole input's (see
+layers a KV cache that grows by one chunk). The attention layers run
+:func:`~qwen35_lab.longctx.attention.chunk_attention` (no ``[chunk, context]``
+mask, no K/V repeated per query head), so peak memory is the cache plus one
+chunk's working set instead of the whole input's (see
 :func:`~qwen35_lab.longctx.plan_memory`), and the result is the same as one
 forward over everything. Captures work across chunks: the instrumentation
 session places every chunk at its absolute positions.
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .attention import ATTN_IMPLEMENTATION, chunked_attention
 from .memory import check_fits, plan_memory
 from .rope import check_context
 
@@ -80,7 +83,7 @@ def _input_ids(lab, inputs) -> torch.Tensor:
 def chunked_prefill(lab, inputs, *, chunk_size: int = 2048, capture=None, progress: bool = True,
                     positions=None, heads=None, capture_device="cpu", capture_dtype=None,
                     state_chunk_size: int = 64, budget_bytes: int | None = None, nll: bool = False,
-                    check_memory: bool = True) -> PrefillResult:
+                    check_memory: bool = True, attention: str = "chunked") -> PrefillResult:
     """Run ``inputs`` through the model ``chunk_size`` tokens at a time, through one ``DynamicCache``.
 
     Everything is checked before the first chunk runs: the length against the
@@ -96,6 +99,9 @@ def chunked_prefill(lab, inputs, *, chunk_size: int = 2048, capture=None, progre
             (``state_chunk_size`` is the DeltaNet checkpoint spacing).
         nll: also return the next-token loss at every position (``[B, T - 1]``).
         check_memory: refuse an input the planner says will not fit.
+        attention: ``"chunked"`` (default): :func:`~qwen35_lab.longctx.attention.chunk_attention`,
+            whose working set grows with the chunk; ``"model"``: the model's own implementation
+            (transformers' sdpa builds a ``[chunk, context]`` mask and repeats K/V per query head).
 
     Returns a :class:`PrefillResult` (``logits`` of the last position, ``cache``, ``trace``, ``nll``).
     """
@@ -106,10 +112,13 @@ def chunked_prefill(lab, inputs, *, chunk_size: int = 2048, capture=None, progre
 
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (tokens per forward), got {chunk_size!r}")
+    if attention not in ("chunked", "model"):
+        raise ValueError(f"attention must be 'chunked' or 'model', got {attention!r}")
     ids = _input_ids(lab, inputs)
     B, T = ids.shape
     check_context(lab, T)
-    plan = plan_memory(lab, T, batch=B, prefill_chunk=chunk_size, logits="all" if nll else "last")
+    plan = plan_memory(lab, T, batch=B, prefill_chunk=chunk_size, logits="all" if nll else "last",
+                       attn_implementation=ATTN_IMPLEMENTATION if attention == "chunked" else None)
     if check_memory:
         check_fits(plan, device=str(lab.device))
     names: list[str] = []
@@ -137,7 +146,8 @@ def chunked_prefill(lab, inputs, *, chunk_size: int = 2048, capture=None, progre
     prev_last = None  # logits at the last position of the previous chunk [B, vocab]
     bar = tqdm(total=T, unit="tok", desc="prefill", disable=not progress, mininterval=1.0)
     t0 = time.perf_counter()
-    with torch.no_grad(), session as tr:
+    switch = chunked_attention(lab.model) if attention == "chunked" else contextlib.nullcontext()
+    with torch.no_grad(), switch, session as tr:
         for start in range(0, T, chunk_size):
             piece = ids[:, start:start + chunk_size]
             out = lab.model(input_ids=piece, past_key_values=cache, use_cache=True,
