@@ -22,6 +22,7 @@ from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
 from .. import ops
+from ..ops import attention as attention_ops
 
 __all__ = ["instrument", "uninstrument", "is_instrumented", "Hub"]
 
@@ -218,8 +219,14 @@ class InstrumentedAttention(hf.Qwen3_5Attention):
         Tk = key_states.shape[2]
         pad = _key_padding(attention_mask, B, Tk, query_states.device)
 
+        fused = None
         if p + "summary" in s.capture:
-            summary = ops.attention_summaries(query_states, key_states, scaling=self.scaling, key_padding_mask=pad)
+            if pad is None and p + "probs" not in s.edits and not self.training:
+                # CPU: the output and the summaries from one flash pass (None where it does not apply)
+                fused = attention_ops.causal_attention_with_summaries(query_states, key_states, value_states,
+                                                                      scaling=self.scaling)
+            summary = fused[1] if fused is not None else ops.attention_summaries(
+                query_states, key_states, scaling=self.scaling, key_padding_mask=pad)
             s.capture_value(p + "summary", summary)
         if p + "probs" in s.capture and p + "probs" not in s.edits:
             sel = s.probs_selection(p + "probs", T)
@@ -242,6 +249,8 @@ class InstrumentedAttention(hf.Qwen3_5Attention):
             weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query_states.dtype)
             weights = s.point(p + "probs", weights)
             attn_output = torch.matmul(weights, values).transpose(1, 2).contiguous()
+        elif fused is not None:
+            attn_output = fused[0].transpose(1, 2).contiguous()
         else:
             interface = hf.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                                  hf.eager_attention_forward)

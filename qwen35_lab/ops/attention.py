@@ -17,7 +17,7 @@ import torch
 
 from .gated_delta import _check_index_list, _check_tensor
 
-__all__ = ["attention_probs_rows", "attention_summaries"]
+__all__ = ["attention_probs_rows", "attention_summaries", "causal_attention_with_summaries"]
 
 
 def _check_attention_inputs(q, k, key_padding_mask, scaling):
@@ -75,12 +75,17 @@ def attention_summaries(
     *,
     scaling: float | None = None,
     key_padding_mask: torch.Tensor | None = None,
-    block_size: int = 256,
+    block_size: int = 512,
 ) -> dict[str, torch.Tensor]:
     """Per-query summaries of the attention distribution ``p_t(s)``, computed blockwise.
 
     Queries and keys are visited in blocks of ``block_size`` with an online (streaming) softmax,
     so extra memory is ``O(Hq · block_size²)`` per step plus the ``[B, Hq, T]`` results.
+    The cost is about one extra ``q·k`` pass: per block one matmul for the logits, one
+    ``exp``, and one matmul of the probabilities with ``[k | s | 1]``, which gives at once
+    ``Σ p k`` (so ``Σ p x = scaling · q · Σ p k``, the logit average the entropy needs),
+    ``Σ p s`` (mean distance) and ``Σ p`` (the normaliser). Only blocks that cross the
+    diagonal (or padding) are masked.
 
     Args:
         q: ``[B, Hq, T, D]``.  k: ``[B, Hkv, Tk, D]``.  key_padding_mask: ``[B, Tk]`` or None.
@@ -98,48 +103,125 @@ def attention_summaries(
         raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
     G, offset, device = Hq // Hkv, Tk - T, q.device
     keep = None if key_padding_mask is None else key_padding_mask.to(device=device).bool()
-    q32 = q.float().view(B, Hkv, G, T, D)
-    k32 = k.float()
+    q32 = q.float().reshape(B, Hkv, G, T, D)
     key_pos = torch.arange(Tk, device=device)
     query_pos = torch.arange(offset, Tk, device=device)
+    # [k | s | 1]: one matmul with the probabilities gives Σ p k, Σ p s and Σ p
+    k_ext = torch.cat([k.float(), key_pos.float()[None, None, :, None].expand(B, Hkv, Tk, 1),
+                       torch.ones(B, Hkv, Tk, 1, device=device)], dim=-1)  # [B, Hkv, Tk, D + 2]
 
-    # Running statistics over the keys seen so far, relative to the running max m:
-    #   l = Σ exp(x - m),  a = Σ exp(x - m) (x - m),  b = Σ exp(x - m) s
-    m = torch.full((B, Hq, T), float("-inf"), device=device)
-    l, a, b = torch.zeros_like(m), torch.zeros_like(m), torch.zeros_like(m)
+    m = torch.full((B, Hkv, G, T), float("-inf"), device=device)  # running max of the logits
+    acc = torch.zeros(B, Hkv, G, T, D + 2, device=device)  # Σ exp(x - m) [k | s | 1]
     for i0 in range(0, T, block_size):
         i1 = min(T, i0 + block_size)
         nq = i1 - i0
         q_block = q32[:, :, :, i0:i1].reshape(B, Hkv, G * nq, D)
-        m_i, l_i, a_i, b_i = (x[:, :, i0:i1] for x in (m, l, a, b))  # views, updated in place
+        m_i, acc_i = m[..., i0:i1], acc[..., i0:i1, :]  # views, updated in place
         for j0 in range(0, offset + i1, block_size):  # key blocks that some query of the block sees
-            j1 = min(Tk, j0 + block_size)
-            logits = (q_block @ k32[:, :, j0:j1].transpose(-1, -2)).view(B, Hq, nq, j1 - j0) * scaling
-            allowed = _allowed(query_pos[i0:i1], key_pos[j0:j1], None if keep is None else keep[:, j0:j1])
-            logits = logits.masked_fill(~allowed, float("-inf"))
+            j1 = min(Tk, j0 + block_size, offset + i1)
+            logits = (q_block @ k_ext[:, :, j0:j1, :D].transpose(-1, -2)).view(B, Hkv, G, nq, j1 - j0)
+            logits.mul_(scaling)
+            allowed = None
+            if j1 - 1 > offset + i0 or keep is not None:  # crosses the diagonal, or padding
+                allowed = _allowed(query_pos[i0:i1], key_pos[j0:j1], None if keep is None else keep[:, j0:j1])
+                allowed = allowed[:, :, None]  # [B or 1, 1, 1, nq, nk]
+                logits.masked_fill_(~allowed, float("-inf"))
             m_new = torch.maximum(m_i, logits.amax(dim=-1))
             m_ref = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # finite reference
-            shift = torch.where(torch.isinf(m_i), torch.zeros_like(m_i), m_i - m_ref)  # old m - new m
-            alpha = shift.exp() * (l_i > 0)  # rescales the old sums; 0 while nothing was seen
-            x = logits - m_ref.unsqueeze(-1)
-            p = x.exp()  # 0 where masked
-            a_i.copy_(alpha * (a_i + shift * l_i) + (p * x.masked_fill(~allowed, 0.0)).sum(-1))
-            l_i.mul_(alpha).add_(p.sum(-1))
-            b_i.mul_(alpha).add_(p @ key_pos[j0:j1].to(p.dtype))
+            alpha = torch.where(torch.isinf(m_i), torch.zeros_like(m_i), (m_i - m_ref).exp())
+            p = logits.sub_(m_ref.unsqueeze(-1)).exp_()  # 0 where masked
+            acc_i.mul_(alpha.unsqueeze(-1)).add_(
+                (p.view(B, Hkv, G * nq, j1 - j0) @ k_ext[:, :, j0:j1]).view(B, Hkv, G, nq, D + 2))
             m_i.copy_(m_new)
 
+    l = acc[..., D + 1]
     seen = l > 0
     nan = torch.full_like(l, float("nan"))
     l_safe = torch.where(seen, l, torch.ones_like(l))
-    entropy = torch.where(seen, l_safe.log() - a / l_safe, nan)
+    m_safe = torch.where(seen, m, torch.zeros_like(m))
+    mean_logit = scaling * (q32 * acc[..., :D]).sum(-1) / l_safe  # Σ p x
+    entropy = torch.where(seen, l_safe.log() + m_safe - mean_logit, nan)
     max_prob = torch.where(seen, 1.0 / l_safe, nan)
-    mean_distance = torch.where(seen, query_pos.float() - b / l_safe, nan)
-    logit0 = (q32 @ k32[:, :, :1].unsqueeze(2).transpose(-1, -2)).view(B, Hq, T) * scaling
-    sink = (logit0 - torch.where(seen, m, torch.zeros_like(m))).exp() / l_safe
+    mean_distance = torch.where(seen, query_pos.float() - acc[..., D] / l_safe, nan)
+    logit0 = (q32 * k.float()[:, :, None, :1]).sum(-1) * scaling  # [B, Hkv, G, T]
+    sink = (logit0 - m_safe).exp() / l_safe
     if keep is not None:
-        sink = sink * keep[:, :1, None]
+        sink = sink * keep[:, :1, None, None]
     sink_mass = torch.where(seen, sink, nan)
-    return {"entropy": entropy, "max_prob": max_prob, "sink_mass": sink_mass, "mean_distance": mean_distance}
+    out = {"entropy": entropy, "max_prob": max_prob, "sink_mass": sink_mass, "mean_distance": mean_distance}
+    return {name: v.reshape(B, Hq, T) for name, v in out.items()}
+
+
+def _flash_cpu(q: torch.Tensor):
+    """PyTorch's fused CPU flash-attention kernel (returns the log-sum-exp), or None where it does not apply."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    return op if op is not None and q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) else None
+
+
+def causal_attention_with_summaries(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float | None = None, block_size: int = 512,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """Causal attention output and :func:`attention_summaries` from one fused pass (CPU; ``T = Tk``, no padding).
+
+    PyTorch's flash kernel runs once with the values extended to ``[v | k | s]``
+    (and ``q``, ``k`` padded with zeros to that width, which leaves ``q·k``
+    unchanged; the kernel wants one head size): besides the output ``Σ p v``
+    it returns ``Σ p k``, ``Σ p s`` and the log-sum-exp ``lse`` of every row,
+    which give ``entropy = lse - scaling · q·Σ p k``, ``mean_distance = t - Σ p s``
+    and ``sink_mass = exp(x₀ - lse)``. Only ``max_prob = exp(max_s x_s - lse)``
+    needs the row maxima: one blockwise ``q·k`` pass with a max, no ``exp``.
+    Compared with the plain forward this costs about one extra ``q·k`` pass.
+    The output equals the sdpa output up to fp32 rounding (the kernel sums in
+    another order), not bit for bit.
+
+    Args:
+        q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, T, D]`` (queries and keys at the same positions).
+
+    Returns ``(out [B, Hq, T, Dv] in q's dtype, summaries)`` — or None when the fused kernel
+    does not apply (not CPU, not fp32/bf16, ``T != Tk``); use :func:`attention_summaries` then.
+    """
+    B, Hq, T, Hkv, Tk, D, scaling = _check_attention_inputs(q, k, None, scaling)
+    op = _flash_cpu(q)
+    if op is None or T != Tk or v.shape[:3] != k.shape[:3]:
+        return None
+    G, Dv, device = Hq // Hkv, v.shape[-1], q.device
+    pos = torch.arange(T, device=device)
+    # fp32 throughout: Σ p s needs it at long context
+    v_ext = torch.cat([v.float(), k.float(), pos.float()[None, None, :, None].expand(B, Hkv, T, 1)], dim=-1)
+    width = v_ext.shape[-1]  # Dv + D + 1
+    k_pad = torch.nn.functional.pad(k.float(), (0, width - D))
+    qg = q.reshape(B, Hkv, G, T, D)
+    outs, lses = [], []
+    for g in range(G):  # query heads sharing a key head: one call each (the kernel wants equal head counts)
+        q_pad = torch.nn.functional.pad(qg[:, :, g].float(), (0, width - D))
+        o, lse = op(q_pad, k_pad, v_ext, 0.0, True, scale=scaling)
+        outs.append(o)
+        lses.append(lse.float())
+    del v_ext, k_pad
+    ext = torch.stack(outs, dim=2).float()  # [B, Hkv, G, T, Dv + D + 1]
+    lse = torch.stack(lses, dim=2)  # [B, Hkv, G, T]
+    q32, k32 = qg.float(), k.float()
+    # row maxima of the logits, blockwise (diagonal blocks masked)
+    row_max = torch.full((B, Hkv, G, T), float("-inf"), device=device)
+    for i0 in range(0, T, block_size):
+        i1 = min(T, i0 + block_size)
+        qb = (q32[:, :, :, i0:i1] * scaling).reshape(B, Hkv, G * (i1 - i0), D)
+        for j0 in range(0, i1, block_size):
+            j1 = min(i1, j0 + block_size)
+            x = (qb @ k32[:, :, j0:j1].transpose(-1, -2)).view(B, Hkv, G, i1 - i0, j1 - j0)
+            if j1 - 1 > i0:
+                x.masked_fill_(pos[j0:j1][None, :] > pos[i0:i1][:, None], float("-inf"))
+            torch.maximum(row_max[..., i0:i1], x.amax(-1), out=row_max[..., i0:i1])
+    mean_logit = scaling * (q32 * ext[..., Dv:Dv + D]).sum(-1)  # Σ p x
+    logit0 = scaling * (q32 * k32[:, :, None, :1]).sum(-1)
+    summaries = {
+        "entropy": lse - mean_logit,
+        "max_prob": (row_max - lse).exp(),
+        "sink_mass": (logit0 - lse).exp(),
+        "mean_distance": pos.float() - ext[..., Dv + D],
+    }
+    out = ext[..., :Dv].reshape(B, Hq, T, Dv).to(q.dtype)
+    return out, {name: t.reshape(B, Hq, T) for name, t in summaries.items()}
 
 
 def attention_probs_rows(
