@@ -41,6 +41,7 @@ from ._common import (
     device_function,
     fp32_dot_precision,
 )
+from qwen35_lab.checks import BadValue
 
 __all__ = ["attention_probs_rows", "attention_summaries"]
 
@@ -200,7 +201,7 @@ def attention_summaries(
         (the probability of key 0) and ``mean_distance`` (tokens); NaN where a query sees no key.
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be an int >= 1, got {block_size!r}")
+        raise BadValue(f"block_size must be an int >= 1, got {block_size!r}")
     (B, Hq, T, Hkv, Tk, D, scaling), q, k, keep, meta = _checked(q, k, key_padding_mask, scaling)
     out = {name: torch.empty(B, Hq, T, dtype=torch.float32, device=q.device)
            for name in ("entropy", "max_prob", "sink_mass", "mean_distance")}

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from . import chat_format, checks, sampling
+from .checks import BadType, BadValue
 
 __all__ = ["SERVERS", "BackendError", "BadReply", "Completion", "OpenAIBackend", "RateLimited", "RetryPolicy",
            "ServerUnreachableError", "UnsupportedFieldError"]
@@ -178,18 +179,18 @@ class OpenAIBackend:
                  server: str = "vllm", api_key: str | None = None, timeout: float = 300.0,
                  retry: RetryPolicy | None = None):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"base_url must be an http(s) URL such as 'http://localhost:8000/v1', got {base_url!r}")
+            raise BadValue(f"base_url must be an http(s) URL such as 'http://localhost:8000/v1', got {base_url!r}")
         if server not in SERVERS:
-            raise ValueError(f"unknown server {server!r}; valid: {', '.join(SERVERS)}")
+            raise BadValue(f"unknown server {server!r}; valid: {', '.join(SERVERS)}")
         if model is not None and not isinstance(model, str):
-            raise TypeError(f"model must be the served model's name (str) or None, got {model!r}")
+            raise BadType(f"model must be the served model's name (str) or None, got {model!r}")
         if not isinstance(timeout, numbers.Real) or isinstance(timeout, bool) or not timeout > 0:
-            raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
+            raise BadValue(f"timeout must be a positive number of seconds, got {timeout!r}")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise checks.BadType(f"retry must be a RetryPolicy(retries=..., backoff=..., budget=...) or None, "
                                  f"got {retry!r}")
         if model is None and server == "sglang":
-            raise ValueError("SGLang needs the model name: "
+            raise BadValue("SGLang needs the model name: "
                              "OpenAIBackend(url, model='Qwen/Qwen3.5-9B', server='sglang')")
         self.base_url = base_url.rstrip("/")
         self.model = model
@@ -218,12 +219,12 @@ class OpenAIBackend:
         """
         chat_format.validate_messages(messages)
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral) or max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
+            raise BadValue(f"max_tokens must be a positive integer, got {max_tokens!r}")
         if not isinstance(stream, bool):
-            raise TypeError(f"stream must be True or False, got {stream!r}")
+            raise BadType(f"stream must be True or False, got {stream!r}")
         unknown = set(params) - set(_SAMPLING_FIELDS)
         if unknown:
-            raise TypeError(f"unknown argument(s) {', '.join(sorted(unknown))}; sampling parameters: "
+            raise BadType(f"unknown argument(s) {', '.join(sorted(unknown))}; sampling parameters: "
                             f"{', '.join(_SAMPLING_FIELDS)}; also preset, seed, enable_thinking, "
                             f"preserve_thinking, mm_processor_kwargs")
         # Validate with the local sampler's rules; send only what was asked for.
@@ -248,7 +249,7 @@ class OpenAIBackend:
             template_kwargs["enable_thinking"] = preset_thinking
         if preserve_thinking is not None:
             if not isinstance(preserve_thinking, bool):
-                raise TypeError(f"preserve_thinking must be True, False or None, got {preserve_thinking!r}")
+                raise BadType(f"preserve_thinking must be True, False or None, got {preserve_thinking!r}")
             template_kwargs["preserve_thinking"] = preserve_thinking
         if template_kwargs:
             body["chat_template_kwargs"] = template_kwargs
@@ -451,11 +452,11 @@ def run_sync(coro):
 
 def _check_mm_kwargs(kwargs) -> None:
     if not isinstance(kwargs, dict):
-        raise TypeError(f"mm_processor_kwargs must be a dict such as {{'fps': 2, 'do_sample_frames': True}}, "
+        raise BadType(f"mm_processor_kwargs must be a dict such as {{'fps': 2, 'do_sample_frames': True}}, "
                         f"got {kwargs!r}")
     fps = kwargs.get("fps")
     if fps is not None and (isinstance(fps, bool) or not isinstance(fps, numbers.Real) or fps <= 0):
-        raise ValueError(f"mm_processor_kwargs['fps'] must be a positive number of frames per second, got {fps!r}")
+        raise BadValue(f"mm_processor_kwargs['fps'] must be a positive number of frames per second, got {fps!r}")
 
 
 def _retry_after(failure) -> float | None:

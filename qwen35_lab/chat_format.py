@@ -33,6 +33,7 @@ from typing import Any
 
 import jinja2
 from transformers.utils.chat_template_utils import render_jinja_template
+from .checks import BadType, BadValue
 
 __all__ = ["TEMPLATES", "ParsedOutput", "parse_output", "render", "template_for", "validate_messages"]
 
@@ -94,7 +95,7 @@ def template_for(model_name_or_config: Any) -> str:
         name = str(model_name_or_config)
         template = _template_for_name(name)
         if template is None:
-            raise ValueError(
+            raise BadValue(
                 f"cannot tell the chat template from the name {name!r}: expected a name containing "
                 "'Qwen3.6', 'Qwen3.5-0.8B', 'Qwen3.5-2B', 'Qwen3.5' (4B and larger), 'organism' or "
                 f"'tiny'; or pass the model config. Templates: {sorted(TEMPLATES)}"
@@ -110,7 +111,7 @@ def template_for(model_name_or_config: Any) -> str:
     if hidden_size is None and _config_field(config, "text_config") is not None:
         hidden_size = _config_field(_config_field(config, "text_config"), "hidden_size")
     if not isinstance(hidden_size, int) or isinstance(hidden_size, bool):
-        raise TypeError(
+        raise BadType(
             "template_for expects a model name (str) or a config with a Qwen model name in "
             "_name_or_path or an int hidden_size (top level or in text_config); got "
             f"{type(model_name_or_config).__name__} with hidden_size={hidden_size!r}"
@@ -128,11 +129,11 @@ def _part_type(part: Mapping, where: str) -> str:
     if "type" in part:
         part_type = part["type"]
         if part_type not in CONTENT_TYPES:
-            raise ValueError(f"{where} has unknown type {part_type!r}; valid types: {list(CONTENT_TYPES)}")
+            raise BadValue(f"{where} has unknown type {part_type!r}; valid types: {list(CONTENT_TYPES)}")
         return part_type
     keys = [key for key in CONTENT_TYPES if key in part]
     if len(keys) != 1:
-        raise ValueError(
+        raise BadValue(
             f"{where} has no 'type' and {'no' if not keys else 'more than one'} content key "
             f"(keys: {sorted(part)}); give 'type', one of {list(CONTENT_TYPES)}"
         )
@@ -141,14 +142,14 @@ def _part_type(part: Mapping, where: str) -> str:
 
 def _check_tool_calls(tool_calls: Any, where: str) -> None:
     if not isinstance(tool_calls, list):
-        raise TypeError(f"{where}['tool_calls'] must be a list, got {type(tool_calls).__name__}")
+        raise BadType(f"{where}['tool_calls'] must be a list, got {type(tool_calls).__name__}")
     for j, call in enumerate(tool_calls):
         call_where = f"{where}['tool_calls'][{j}]"
         if not isinstance(call, dict):
-            raise TypeError(f"{call_where} must be a dict, got {type(call).__name__}")
+            raise BadType(f"{call_where} must be a dict, got {type(call).__name__}")
         function = call.get("function", call)
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise ValueError(
+            raise BadValue(
                 f"{call_where} needs a string 'name', as {{'name': ..., 'arguments': {{...}}}} or "
                 f"{{'type': 'function', 'function': {{'name': ..., 'arguments': {{...}}}}}}; got {call!r}"
             )
@@ -157,9 +158,9 @@ def _check_tool_calls(tool_calls: Any, where: str) -> None:
             try:
                 arguments = json.loads(arguments)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{call_where} arguments are a string but not JSON ({error}): {arguments!r}") from None
+                raise BadValue(f"{call_where} arguments are a string but not JSON ({error}): {arguments!r}") from None
         if not isinstance(arguments, dict):
-            raise TypeError(
+            raise BadType(
                 f"{call_where} arguments must be a dict or a JSON object string, got {type(arguments).__name__}"
             )
 
@@ -173,18 +174,18 @@ def validate_messages(messages: Any) -> None:
     or absent, e.g. when it only calls tools). System messages hold text only.
     """
     if not isinstance(messages, list):
-        raise TypeError(f"messages must be a list of dicts, got {type(messages).__name__}")
+        raise BadType(f"messages must be a list of dicts, got {type(messages).__name__}")
     if not messages:
-        raise ValueError("messages is empty; give at least one user message")
+        raise BadValue("messages is empty; give at least one user message")
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise TypeError(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
+            raise BadType(f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}")
         role = message.get("role")
         if role not in ROLES:
-            raise ValueError(f"messages[{i}] has unknown role {role!r}; valid roles: {list(ROLES)}")
+            raise BadValue(f"messages[{i}] has unknown role {role!r}; valid roles: {list(ROLES)}")
         where = f"messages[{i}] ({role})"
         if role == "system" and i != 0:
-            raise ValueError(f"{where}: a system message must be the first message")
+            raise BadValue(f"{where}: a system message must be the first message")
         content = message.get("content")
         if content is None and role == "assistant":
             pass
@@ -192,22 +193,22 @@ def validate_messages(messages: Any) -> None:
             for j, part in enumerate(content):
                 part_where = f"{where} content[{j}]"
                 if not isinstance(part, dict):
-                    raise TypeError(f"{part_where} must be a dict like {{'type': 'text', 'text': ...}}, got {part!r}")
+                    raise BadType(f"{part_where} must be a dict like {{'type': 'text', 'text': ...}}, got {part!r}")
                 part_type = _part_type(part, part_where)
                 if part_type == "text" and not isinstance(part.get("text"), str):
-                    raise ValueError(f"{part_where} is a text part without a string 'text': {part!r}")
+                    raise BadValue(f"{part_where} is a text part without a string 'text': {part!r}")
                 if role == "system" and part_type in _MEDIA_TYPES:
-                    raise ValueError(f"{part_where} is {part_type!r}; system messages hold text only")
+                    raise BadValue(f"{part_where} is {part_type!r}; system messages hold text only")
         elif not isinstance(content, str):
-            raise TypeError(
+            raise BadType(
                 f"{where} content must be a str or a list of parts, got {type(content).__name__}: {content!r}"
             )
         reasoning = message.get("reasoning_content")
         if reasoning is not None and not isinstance(reasoning, str):
-            raise TypeError(f"{where} reasoning_content must be a str, got {type(reasoning).__name__}")
+            raise BadType(f"{where} reasoning_content must be a str, got {type(reasoning).__name__}")
         if "tool_calls" in message and message["tool_calls"] is not None:
             if role != "assistant":
-                raise ValueError(f"{where} has tool_calls; only assistant messages make tool calls")
+                raise BadValue(f"{where} has tool_calls; only assistant messages make tool calls")
             _check_tool_calls(message["tool_calls"], where)
 
 
@@ -258,14 +259,14 @@ def render(
     ``video``). The caller's messages are not modified.
     """
     if variant not in TEMPLATES:
-        raise ValueError(f"unknown template variant {variant!r}; valid: {sorted(TEMPLATES)}")
+        raise BadValue(f"unknown template variant {variant!r}; valid: {sorted(TEMPLATES)}")
     for flag_name, flag in (("enable_thinking", enable_thinking), ("preserve_thinking", preserve_thinking)):
         if flag is not None and not isinstance(flag, bool):
-            raise TypeError(f"{flag_name} must be True, False or None, got {flag!r}")
+            raise BadType(f"{flag_name} must be True, False or None, got {flag!r}")
     if preserve_thinking and variant != "qwen3.6":
-        raise ValueError(f"preserve_thinking is read only by the 'qwen3.6' template, not by {variant!r}")
+        raise BadValue(f"preserve_thinking is read only by the 'qwen3.6' template, not by {variant!r}")
     if tools is not None and not (isinstance(tools, list) and all(isinstance(tool, dict) for tool in tools)):
-        raise TypeError(f"tools must be a list of JSON-schema dicts or None, got {tools!r}")
+        raise BadType(f"tools must be a list of JSON-schema dicts or None, got {tools!r}")
     validate_messages(messages)
 
     kwargs: dict[str, Any] = {"add_vision_id": add_vision_id}
@@ -282,7 +283,7 @@ def render(
             **kwargs,
         )
     except jinja2.TemplateError as error:  # e.g. "No user query found in messages."
-        raise ValueError(f"chat template {variant!r} rejected the messages: {error}") from error
+        raise BadValue(f"chat template {variant!r} rejected the messages: {error}") from error
     return rendered[0]
 
 
@@ -335,7 +336,7 @@ def parse_output(text: str, *, prompt_opened_think: bool = False) -> ParsedOutpu
     become ``{"name": NAME, "arguments": {K: V}}``, V decoded as JSON when it is valid JSON.
     """
     if not isinstance(text, str):
-        raise TypeError(f"parse_output expects the generated text as a str, got {type(text).__name__}")
+        raise BadType(f"parse_output expects the generated text as a str, got {type(text).__name__}")
     text = text.rstrip()
     for end in _END_TOKENS:
         text = text.removesuffix(end)

@@ -2,7 +2,8 @@
 
 Every public entry point validates its arguments here *before any work starts*. A refused call
 raises one of the exception types below: each subclasses the built-in a caller would expect
-(``ValueError``, ``TypeError``, ``IndexError``, ``FileNotFoundError``, ``TimeoutError``) and
+(``ValueError``, ``TypeError``, ``IndexError``, ``FileNotFoundError``, ``TimeoutError``,
+``MemoryError``) and
 :class:`InputError`, so ``except InputError`` catches every refusal of the toolkit and nothing else.
 Messages name the bad value and what would be valid.
 
@@ -44,6 +45,26 @@ class TimedOut(InputError, TimeoutError):
     """A request did not answer in time."""
 
 
+class NotCaptured(InputError, KeyError, ValueError):
+    """A trace was asked for a probe it did not capture (a ``KeyError`` for dict-style access, and a
+    ``ValueError`` like every other refusal); the message says what to capture."""
+
+    def __str__(self) -> str:  # KeyError would quote the whole message
+        return str(self.args[0]) if self.args else ""
+
+
+class OverBudget(InputError, MemoryError):
+    """What was asked (a capture, a model, a grid of runs) would not fit the memory budget."""
+
+
+def error_text(error: BaseException) -> str:
+    """``"ValueError: message"`` for display: a refusal shows the built-in kind a reader knows."""
+    kind = type(error)
+    if isinstance(error, InputError):
+        kind = next(b for b in kind.__mro__ if b.__module__ == "builtins" and b is not InputError)
+    return f"{kind.__name__}: {error}"
+
+
 # ----------------------------------------------------------------------------- scalars
 
 def _is_int(value) -> bool:
@@ -76,8 +97,8 @@ def check_float(name: str, value, *, lo: float | None = None, hi: float | None =
     below = lo is not None and (value <= lo if lo_open else value < lo)
     above = hi is not None and (value >= hi if hi_open else value > hi)
     if below or above:
-        left = "(" if lo_open else "["
-        right = ")" if hi_open else "]"
+        left = "(" if lo_open or lo is None else "["
+        right = ")" if hi_open or hi is None else "]"
         lo_s = "-inf" if lo is None else f"{lo:g}"
         hi_s = "inf" if hi is None else f"{hi:g}"
         raise BadValue(f"{name}={value:g} is out of range; valid: {left}{lo_s}, {hi_s}{right}")
@@ -135,9 +156,8 @@ def check_index(name: str, value, size: int, *, what: str = "") -> int:
         raise BadType(f"{name} must be an int, got {value!r} ({type(value).__name__})")
     value = int(value)
     if not -size <= value < size:
-        where = f" {what}" if what else ""
-        valid = f"0..{size - 1} (or -{size}..-1 from the end)" if size else "none: it is empty"
-        raise BadIndex(f"{name} {value} is out of range:{where} has {size}; valid: {valid}")
+        valid = f"0..{size - 1} (or -{size}..-1 from the end)" if size else "none: there are none"
+        raise BadIndex(f"{name} {value} is out of range; valid: {valid}" + (f" ({what})" if what else ""))
     return value % size
 
 
@@ -273,13 +293,15 @@ def check_existing_file(name: str, value) -> Path:
     return path
 
 
-def check_writable_target(name: str, value) -> Path:
-    """A path to be written: its nearest existing ancestor must be a writable directory, and the
-    path itself must not be an existing directory. Checked before any work, so nothing is lost
-    to a late failure."""
+def check_writable_target(name: str, value, *, directory: bool = False) -> Path:
+    """A path to be written (a file, or with ``directory=True`` a folder that is replaced whole): its
+    nearest existing ancestor must be a writable directory, and the path itself must not be the other
+    kind of thing. Checked before any work, so nothing is lost to a late failure."""
     path = check_path(name, value)
-    if path.is_dir():
+    if path.is_dir() and not directory:
         raise BadValue(f"{name} {str(path)!r} is a directory; give a file path inside it")
+    if path.exists() and not path.is_dir() and directory:
+        raise BadValue(f"{name} {str(path)!r} is a file; this writes a directory there, give another path")
     parent = path.parent
     while not parent.exists():
         parent = parent.parent

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+from .checks import BadValue
 
 __all__ = [
     "KNOWN_MODELS",
@@ -106,7 +107,7 @@ def _spec(name: str) -> ModelSpec:
     if spec is None:
         close = difflib.get_close_matches(name.split("/")[-1], list(KNOWN_MODELS), n=3, cutoff=0.5)
         hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown model {name!r}; known models are {', '.join(KNOWN_MODELS)}.{hint}")
+        raise BadValue(f"unknown model {name!r}; known models are {', '.join(KNOWN_MODELS)}.{hint}")
     return spec
 
 
@@ -228,7 +229,7 @@ def _dtype(dtype: str | torch.dtype) -> torch.dtype:
     valid = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
              "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
     if dtype not in valid:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: {', '.join(valid)} or a torch.dtype")
+        raise BadValue(f"unknown dtype {dtype!r}; valid: {', '.join(valid)} or a torch.dtype")
     return valid[dtype]
 
 
@@ -249,7 +250,7 @@ def build_random(
     config = config_for(name)
     if num_hidden_layers is not None:
         if num_hidden_layers < 4 or num_hidden_layers % 4:
-            raise ValueError(f"num_hidden_layers must be a positive multiple of 4, got {num_hidden_layers}")
+            raise BadValue(f"num_hidden_layers must be a positive multiple of 4, got {num_hidden_layers}")
         config.text_config.num_hidden_layers = num_hidden_layers
         config.text_config.layer_types = layer_types(num_hidden_layers)
     torch.manual_seed(seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -11,6 +12,8 @@ from . import chat_format, multimodal
 from . import sampling as sampling_module
 from . import instrument as _inst
 from ._io import fmt_bytes
+from .checks import (BadIndex, BadType, BadValue, InputError, OverBudget, check_device, check_dtype, check_finite,
+                     check_float, check_indices, check_int, check_seed, check_str)
 
 __all__ = ["Lab", "ChatResult", "Generation"]
 
@@ -110,14 +113,38 @@ class Lab:
 
     def encode(self, text: str) -> torch.Tensor:
         """Token ids ``[1, T]`` of a prompt text (special tokens parsed), on the model's device."""
+        check_str("prompt", text)
         ids = self.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        if ids.numel() == 0:
+            raise BadValue(f"the prompt {text!r} encodes to no tokens; give some text")
+        self._check_known_words(text, ids)
         return ids.to(self.device)
+
+    def _check_known_words(self, text: str, ids: torch.Tensor) -> None:
+        """A word-level organism maps an unknown word to ``<unk>`` (an id it was never trained on): refuse."""
+        unk = getattr(self.tokenizer, "unk_token_id", None)
+        if unk is None or not bool((ids == unk).any()) or self.tokenizer.unk_token in text:
+            return
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        vocab = self.tokenizer.get_vocab()
+        words = ([w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)]
+                 if backend is not None and backend.pre_tokenizer is not None else text.split())
+        unknown = sorted({w for w in words if w not in vocab})
+        plain = sorted(w for w in vocab if not w.startswith("<"))
+        raise BadValue(
+            f"{unknown[:8]} {'is' if len(unknown) == 1 else 'are'} not in the vocabulary of {self.name!r} "
+            f"({len(vocab)} words, e.g. {plain[:12]}); this organism reads only its own words in its documented "
+            f"prompt format (see its card, data/organisms/{self.name}/README.md, and lab.tokenizer.get_vocab())")
 
     def prepare(self, inputs, *, enable_thinking=None, tools=None, add_generation_prompt=True) -> dict:
         """Model inputs (``input_ids``, ``attention_mask``, vision tensors) from a str, messages or ids."""
-        if isinstance(inputs, dict) and "input_ids" in inputs:
+        if isinstance(inputs, dict):
+            if "input_ids" not in inputs:
+                raise BadValue(f"a dict of model inputs needs 'input_ids'; got keys {sorted(map(str, inputs))}")
+            self._check_ids(inputs["input_ids"], "inputs['input_ids']")
             return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
         if torch.is_tensor(inputs):
+            self._check_ids(inputs, "token ids")
             ids = inputs if inputs.dim() == 2 else inputs[None]
             return {"input_ids": ids.to(self.device), "attention_mask": torch.ones_like(ids).to(self.device)}
         if isinstance(inputs, str):
@@ -127,8 +154,28 @@ class Lab:
             built = multimodal.build_inputs(self, inputs, enable_thinking=enable_thinking, tools=tools,
                                             add_generation_prompt=add_generation_prompt)
             return {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in built.items()}
-        raise TypeError(f"inputs must be a prompt string, a list of chat messages, token ids or a dict of model "
+        raise BadType(f"inputs must be a prompt string, a list of chat messages, token ids or a dict of model "
                         f"inputs; got {type(inputs).__name__}")
+
+    def _check_ids(self, ids, what: str) -> None:
+        """Token ids: an integer tensor ``[T]`` or ``[B, T]``, non-empty, every id inside the vocabulary."""
+        if not torch.is_tensor(ids):
+            raise BadType(f"{what} must be a torch.Tensor of token ids, got {type(ids).__name__}")
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            raise BadType(f"{what} must be integers (torch.long), got dtype {ids.dtype}")
+        if ids.dim() not in (1, 2) or ids.numel() == 0:
+            raise BadValue(f"{what} must be a non-empty [T] or [B, T] tensor, got shape {list(ids.shape)}")
+        vocab = self.text_config.vocab_size
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= vocab:
+            bad = lo if lo < 0 else hi
+            raise BadIndex(f"{what} hold id {bad}, outside the vocabulary of {vocab} (valid ids: 0..{vocab - 1})")
+
+    def _check_context(self, n_tokens: int) -> None:
+        """The same limit ``prefill`` enforces: the active RoPE's maximum context."""
+        from .longctx import check_context
+
+        check_context(self, n_tokens)
 
     # ------------------------------------------------------------ generation
     def generate(self, inputs, *, max_new_tokens: int = 64, seed: int | None = None, enable_thinking=None,
@@ -139,13 +186,16 @@ class Lab:
 
         Returns a :class:`Generation` (``.text``, ``.ids``, ``.prompt_ids``, ``.trace``).
         """
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        check_int("max_new_tokens", max_new_tokens, lo=1)
+        check_seed(seed)
+        capture_device, capture_dtype = _check_session_args(capture, edits, capture_device, capture_dtype, chunk_size,
+                                                            budget_bytes)
         if enable_thinking is None and "preset" in sampling:
             enable_thinking = sampling_module.resolve(sampling)[1]
         model_inputs = self.prepare(inputs, enable_thinking=enable_thinking, tools=tools)
         gen_kwargs = sampling_module.generation_kwargs(self, sampling, prompt_ids=model_inputs["input_ids"])
         prompt_len = model_inputs["input_ids"].shape[1]
+        self._check_context(prompt_len + max_new_tokens)
         with self._session(capture, edits, model_inputs, positions=positions, heads=heads, batch=batch,
                            device=capture_device, dtype=capture_dtype, chunk_size=chunk_size,
                            budget_bytes=budget_bytes, extra_tokens=max_new_tokens) as session:
@@ -273,7 +323,12 @@ class Lab:
             ids = self.prepare(inputs)["input_ids"]
             batch_size, length = ids.shape
         if length is None:
-            raise ValueError("estimate() needs inputs or length=")
+            raise BadValue("estimate() needs inputs or length=")
+        return self._estimate(names, length, batch_size, positions=positions, heads=heads, dtype=dtype,
+                              chunk_size=chunk_size)
+
+    def _estimate(self, names: list[str], length: int, batch_size: int, *, positions, heads, dtype,
+                  chunk_size: int) -> dict:
         n_pos = None if positions is None else len(_positions_list(positions, length))
         n_heads = None if heads is None else len([heads] if isinstance(heads, int) else list(heads))
         item = (dtype or torch.float32).itemsize if isinstance(dtype, torch.dtype) or dtype is None else 4
@@ -290,25 +345,22 @@ class Lab:
             yield None
             return
         if not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+            raise BadValue(f"chunk_size must be a positive integer, got {chunk_size!r}")
         names, resolved = _inst.plan(self.config, capture, edits)
-        _inst.validate_heads(self.config, names + list(resolved), heads)
+        _check_heads(self.config, names + list(resolved), heads)
 
         def check(B: int, T: int) -> None:
-            """Refuse a bad batch selection or a capture over budget, before the forward runs."""
-            if batch is not None:
-                bl = [batch] if isinstance(batch, int) else list(batch)
-                if any(b >= B or b < -B for b in bl):
-                    raise IndexError(f"batch item {max(bl)} is out of range: the batch has {B} items (0–{B - 1})")
-            if positions is not None:
-                _positions_list(positions, T)
-            n_b = B if batch is None else len([batch] if isinstance(batch, int) else batch)
-            est = self.estimate(names, length=T, batch_size=n_b, positions=positions, heads=heads, dtype=dtype,
-                                chunk_size=chunk_size)
+            """Refuse selections outside the input and a capture over budget, before the forward runs."""
+            batch_list = check_indices("batch", batch, B, what=f"the batch has {B} sequences")
+            pos_list = check_indices("positions", positions, T, what=f"the input has {T} tokens")
+            _check_edit_selections(resolved, B, T, self.config)
+            n_b = B if batch_list is None else len(batch_list)
+            est = self._estimate(names, T, n_b, positions=pos_list, heads=heads, dtype=dtype,
+                                 chunk_size=chunk_size)
             budget = budget_bytes if budget_bytes is not None else _inst.default_budget_bytes(device)
             if est["total"] > budget:
                 top = sorted(est["per_probe"].items(), key=lambda kv: -kv[1])[:3]
-                raise MemoryError(
+                raise OverBudget(
                     f"this capture needs about {fmt_bytes(est['total'])}, over the budget of "
                     f"{fmt_bytes(budget)} (largest: {', '.join(f'{n} {fmt_bytes(b)}' for n, b in top)}). "
                     f"Narrow it: fewer probes (e.g. 'layers.3.*'), positions=[...], heads=[...], "
@@ -363,6 +415,7 @@ class Lab:
         Every forward call inside the block (a prefill, ``model.generate``'s decode steps) lands in one
         trace; the memory guard runs on the first call, before any work.
         """
+        device, dtype = _check_session_args(capture, edits, device, dtype, chunk_size, budget_bytes)
         tr = _inst.Trace(meta={"model": self.name})
         tr._recording = True
         with self._session(capture, edits, None, positions=positions, heads=heads, batch=batch, device=device,
@@ -387,7 +440,9 @@ class Lab:
         ``edits``: ``{name or glob: number | tensor | function | ql.scale(...) | ql.patch(...)}``.
         ``positions`` / ``heads`` / ``batch`` narrow what is stored; ``device`` / ``dtype`` where it goes.
         """
+        device, dtype = _check_session_args(capture, edits, device, dtype, chunk_size, budget_bytes)
         model_inputs = self.prepare(inputs, enable_thinking=enable_thinking)
+        self._check_context(model_inputs["input_ids"].shape[1])
         with self._session(capture, edits, model_inputs, positions=positions,
                            heads=heads, batch=batch, device=device, dtype=dtype, chunk_size=chunk_size,
                            budget_bytes=budget_bytes) as session:
@@ -402,6 +457,112 @@ class Lab:
         if ids.shape[0] == 1:
             tr.meta["segments"] = multimodal.segments(self, model_inputs)
         return tr
+
+
+def _check_session_args(capture, edits, device, dtype, chunk_size, budget_bytes) -> tuple[str, torch.dtype | None]:
+    """Types and values of what ``run`` / ``generate`` / ``trace`` take, before any work; returns the
+    capture device and dtype normalised (``"cuda"`` → ``"cuda"``, ``"bfloat16"`` → ``torch.bfloat16``)."""
+    if capture is not None and not (isinstance(capture, (str, list, tuple)) or callable(capture)):
+        raise BadType(f"capture must be a probe name or glob, a list of them or a callable name -> bool; "
+                      f"got {capture!r} ({type(capture).__name__})")
+    if edits is not None:
+        if not isinstance(edits, Mapping):
+            raise BadType(f"edits must be a dict {{probe name or glob: edit}}, e.g. "
+                          f"{{'layers.0.deltanet.beta': 0.0}}; got {type(edits).__name__}")
+        for key, spec in edits.items():
+            if not isinstance(key, str):
+                raise BadType(f"edit keys are probe names or globs (str), got {key!r}")
+            _check_edit_value(key, spec)
+    device = check_device(device, name="capture device")
+    if dtype is not None:
+        dtype = check_dtype(dtype, name="capture dtype")
+    check_int("chunk_size", chunk_size, lo=1)
+    if budget_bytes is not None:
+        check_float("budget_bytes", budget_bytes, lo=0, lo_open=True)
+    return device, dtype
+
+
+def _check_edit_value(key: str, spec) -> None:
+    """An edit's numbers must be finite (a NaN edit would poison the logits without a word)."""
+    if isinstance(spec, bool):
+        raise BadType(f"the edit for {key!r} is {spec!r}; give a number, a tensor, a function or an Edit")
+    if isinstance(spec, (int, float)):
+        check_float(f"the edit value for {key!r}", spec)
+    elif torch.is_tensor(spec):
+        check_finite(f"the edit tensor for {key!r}", spec)
+    elif isinstance(spec, _inst.Edit):
+        if spec.factor is not None:
+            check_float(f"the scale factor for {key!r}", spec.factor)
+        if torch.is_tensor(spec.value):
+            check_finite(f"the edit tensor for {key!r}", spec.value)
+        elif spec.value is not None:
+            check_float(f"the edit value for {key!r}", spec.value)
+        if spec.donor is not None and not isinstance(spec.donor, _inst.Trace):
+            raise BadType(f"patch() takes a Trace (from lab.run(..., capture=...)), got {type(spec.donor).__name__}")
+        if spec.donor is not None:
+            _check_donor(key, spec)
+        if spec.donor_positions is not None and spec.positions is not None:
+            n_to, n_from = _count(spec.positions), _count(spec.donor_positions)
+            if n_to is not None and n_from is not None and n_to != n_from:
+                raise BadValue(f"patch for {key!r}: positions has {n_to} entries but donor_positions has {n_from}; "
+                               "give one donor position per patched position")
+
+
+def _check_donor(key: str, spec) -> None:
+    """A patch takes the same kind of probe from a trace that holds it at the donor positions."""
+    source = spec.donor_name or key
+    if spec.donor_name is not None and not any(c in key for c in "*?["):
+        if _inst.parse(source)[1] != _inst.parse(key)[1]:
+            raise BadValue(f"cannot patch {key!r} from {source!r}: a patch takes the same kind of probe "
+                           f"({_inst.parse(key)[1]!r}) from the donor trace")
+    if any(c in source for c in "*?["):
+        return  # each name a glob selects is checked when the edit runs
+    kind = _inst.parse(source)[1]
+    held = spec.donor.names
+    if kind == "deltanet.state":
+        if source not in held:
+            raise BadValue(f"the donor trace did not capture {source!r}; it holds {held or 'nothing'}")
+        return
+    if source not in held:
+        raise BadValue(f"the donor trace did not capture {source!r}; capture it in the donor run "
+                       f"(it holds {held or 'nothing'})")
+    if spec.donor_positions is not None or spec.positions is not None:
+        wanted = spec.donor_positions if spec.donor_positions is not None else spec.positions
+        if isinstance(wanted, list):
+            try:
+                have = spec.donor.positions(source)
+            except InputError:
+                return
+            missing = [p for p in wanted if p not in have]
+            if missing:
+                raise BadIndex(f"the donor trace holds {source!r} at positions {have[0]}..{have[-1]}, "
+                               f"not at {missing[:5]}")
+
+
+def _count(selection) -> int | None:
+    if isinstance(selection, int):
+        return 1
+    return len(selection) if isinstance(selection, (list, tuple, range)) else None
+
+
+def _check_heads(config, names: list[str], heads) -> None:
+    """``heads`` against the head count of every selected probe that has heads."""
+    if heads is None:
+        return
+    counts = _inst.head_counts(config)
+    for name in names:
+        n = counts.get(_inst.parse(name)[1])
+        if n is not None:
+            check_indices("heads", heads, n, what=f"probe {name!r} has {n} heads")
+
+
+def _check_edit_selections(edits: dict, B: int, T: int, config) -> None:
+    """Every edit's own positions / heads / batch against the real input: an edit that selects
+    nothing (a position past the prompt) is an error, not a silent no-op."""
+    for name, e in edits.items():
+        check_indices(f"positions of the edit on {name!r}", e.positions, T, what=f"the input has {T} tokens")
+        check_indices(f"batch of the edit on {name!r}", e.batch, B, what=f"the batch has {B} sequences")
+        _check_heads(config, [name], e.heads)
 
 
 def _positions_list(positions, length: int) -> list[int]:

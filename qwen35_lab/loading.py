@@ -13,13 +13,15 @@ from __future__ import annotations
 import difflib
 import json
 import os
-import struct
+import re
 from pathlib import Path
 
 import torch
 
 from . import configs, organisms
-from .checks import check_device, check_dtype
+from .checkpoint_files import check_safetensors, read_config
+from .checks import (BadType, BadValue, MissingFile, OverBudget, check_bool, check_choice, check_device, check_dtype,
+                     check_path)
 
 __all__ = ["load", "resolve", "ModelSource"]
 
@@ -39,22 +41,22 @@ class ModelSource:
 def resolve(name_or_path: str | os.PathLike) -> ModelSource:
     """Decide what ``name_or_path`` names, or raise a clear error."""
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"load() takes a model name or path as a string, got {type(name_or_path).__name__}")
+        raise BadType(f"load() takes a model name or path as a string, got {type(name_or_path).__name__}")
     text = os.fspath(name_or_path)
     if not text.strip():
-        raise ValueError("load() needs a model name or path; got an empty string")
+        raise BadValue("load() needs a model name or path; got an empty string")
     if text in organisms.available():
         path = organisms.organisms_dir() / text
         return ModelSource("organism", str(path), text)
     path = Path(text).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise ValueError(f"{text!r} is a file; load() takes a checkpoint directory (with config.json and *.safetensors)")
+            raise BadValue(f"{text!r} is a file; load() takes a checkpoint directory (with config.json and *.safetensors)")
         spec = configs.resolve_known(path.name)
         return ModelSource("local", str(path.resolve()), path.name, spec)
     looks_like_path = text.startswith((".", "/", "~")) or os.sep in text.strip("/").split("/", 1)[-1] or text.count("/") > 1
     if looks_like_path:
-        raise FileNotFoundError(f"no directory {text!r}; pass an existing checkpoint directory, a hub id such as "
+        raise MissingFile(f"no directory {text!r}; pass an existing checkpoint directory, a hub id such as "
                                 f"'Qwen/Qwen3.5-0.8B', or an organism name ({', '.join(organisms.available()) or 'none built'})")
     spec = configs.resolve_known(text)
     if spec is not None:
@@ -64,7 +66,7 @@ def resolve(name_or_path: str | os.PathLike) -> ModelSource:
     choices = organisms.available() + list(configs.KNOWN_MODELS)
     close = difflib.get_close_matches(text, choices, n=3, cutoff=0.4)
     hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    raise ValueError(
+    raise BadValue(
         f"unknown model {text!r}.{hint} Valid: an organism ({', '.join(organisms.available()) or 'none built'}), "
         f"a known model ({', '.join(configs.KNOWN_MODELS)}), a hub id 'org/name', or a local directory."
     )
@@ -72,57 +74,18 @@ def resolve(name_or_path: str | os.PathLike) -> ModelSource:
 
 def _check_local_checkpoint(path: Path) -> dict:
     """Validate a checkpoint directory without loading it; return its config dict."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{str(path)!r} has no config.json; a checkpoint directory holds config.json and "
-                                "model*.safetensors (as written by save_pretrained or `huggingface-cli download`)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{str(config_file)!r} is not valid JSON: {e}") from None
+    config = read_config(path)
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{str(path)!r} holds a model of type {model_type!r}; qwen35_lab loads "
+        raise BadValue(f"{str(path)!r} holds a model of type {model_type!r}; qwen35_lab loads "
                          f"model_type {' or '.join(map(repr, SUPPORTED_MODEL_TYPES))} (Qwen3.5 / Qwen3.6)")
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
-        raise FileNotFoundError(f"{str(path)!r} has a config.json but no *.safetensors weights; "
+        raise MissingFile(f"{str(path)!r} has a config.json but no *.safetensors weights; "
                                 "download the weights into it or point load() at the full checkpoint")
     for f in weights:
         check_safetensors(f)
     return config
-
-
-def check_safetensors(file: Path) -> int:
-    """Check a safetensors file's header and size; return its number of parameters.
-
-    A truncated or corrupt file raises ``ValueError`` naming the file, before
-    anything is loaded.
-    """
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"corrupt safetensors file {str(file)!r}: {size} bytes, too short for a header")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8 or n > 100_000_000:
-            raise ValueError(f"corrupt safetensors file {str(file)!r}: header of {n} bytes in a file of {size} bytes")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ValueError(f"corrupt safetensors file {str(file)!r}: its header is not valid JSON") from None
-    end = 8 + n + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    if end != size:
-        raise ValueError(f"corrupt or truncated safetensors file {str(file)!r}: the header describes {end} bytes, "
-                         f"the file has {size}; download it again")
-    count = 0
-    for k, t in header.items():
-        if k != "__metadata__":
-            numel = 1
-            for d in t["shape"]:
-                numel *= d
-            count += numel
-    return count
 
 
 def free_memory_bytes(device: str) -> int:
@@ -151,6 +114,7 @@ def load(
     check_memory: bool = True,
     rope: dict | None = None,
     attn_implementation: str | None = None,
+    strict: bool = True,
 ):
     """Load a Qwen3.5 / Qwen3.6 model and return a :class:`~qwen35_lab.Lab`.
 
@@ -169,6 +133,9 @@ def load(
         check_memory: refuse, with the numbers, a known model that will not fit.
         rope: a ``rope_parameters`` dict (e.g. from ``yarn_for_context``) applied
             to ``text_config`` before loading.
+        strict: refuse a checkpoint whose weights do not cover the model exactly (missing,
+            unexpected or mis-shaped tensors, named in the error): such a model would run with
+            randomly initialised weights. ``strict=False`` loads it anyway and warns with the list.
     """
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -178,8 +145,17 @@ def load(
     source = resolve(name_or_path)
     torch_dtype = check_dtype(dtype, allow_auto=True)
     device = check_device(device, allow_auto=True)
-    if not isinstance(text_only, bool):
-        raise TypeError(f"text_only must be True or False, got {text_only!r}")
+    check_bool("text_only", text_only)
+    check_bool("check_memory", check_memory)
+    check_bool("strict", strict)
+    _check_max_memory(max_memory)
+    if offload_folder is not None:
+        check_path("offload_folder", offload_folder)
+    if rope is not None and not isinstance(rope, dict):
+        raise BadType(f"rope must be a rope_parameters dict (e.g. ql.longctx.yarn_for_context(...)) or None, "
+                      f"got {rope!r}")
+    if attn_implementation is not None:
+        check_choice("attn_implementation", attn_implementation, ("eager", "sdpa", "flash_attention_2"))
 
     meta: dict = {}
     n_params = None
@@ -210,7 +186,7 @@ def load(
         offload_ok = device == "auto" and offload_folder is not None
         if need and need > 0.9 * have and not offload_ok:
             where = "RAM" if device == "cpu" or not torch.cuda.is_available() else "GPU memory"
-            raise MemoryError(
+            raise OverBudget(
                 f"{source.name} needs about {_fmt_gb(need)} for its weights"
                 f"{' (text only)' if text_only else ''} but only {_fmt_gb(have)} of {where} is free. "
                 f"Try text_only=True, dtype='bfloat16', device='auto' with offload_folder=..., "
@@ -240,8 +216,11 @@ def load(
         kwargs["config"] = config.get_text_config() if text_only else config
 
     cls = AutoModelForCausalLM if text_only else AutoModelForImageTextToText
+    # transformers reports what does not fit (rather than failing on the first mis-shaped tensor with
+    # a generic message); _check_coverage then refuses it by name unless strict=False
+    kwargs.update(output_loading_info=True, ignore_mismatched_sizes=True)
     try:
-        model = cls.from_pretrained(location, **kwargs)
+        model, info = cls.from_pretrained(location, **kwargs)
     except OSError as e:
         if source.kind != "hub":
             raise
@@ -251,6 +230,7 @@ def load(
             f"(`huggingface-cli download {location} --local-dir ./{location.split('/')[-1]}`), copy it here and call "
             f"load('./{location.split('/')[-1]}'), or set HF_HOME to a cache that holds it."
         ) from e
+    _check_coverage(location, info, strict)
     model.eval()
 
     tokenizer, processor = _attach_tokenizer_and_processor(location, meta, source, text_only, get_tokenizer)
@@ -258,6 +238,42 @@ def load(
     attach_chat_template(variant, tokenizer, processor)
     return Lab(model=model, tokenizer=tokenizer, processor=processor, name=source.name,
                source=source, chat_variant=variant, meta=meta)
+
+
+def _check_max_memory(max_memory) -> None:
+    """accelerate's ``max_memory``: ``{device: bytes or "20GiB"}`` with devices 'cpu', GPU ints or 'disk'."""
+    if max_memory is None:
+        return
+    if not isinstance(max_memory, dict) or not max_memory:
+        raise BadType(f"max_memory must be a dict such as {{0: '20GiB', 'cpu': '60GiB'}}, got {max_memory!r}")
+    for key, value in max_memory.items():
+        if not (key in ("cpu", "disk", "mps") or (isinstance(key, int) and not isinstance(key, bool) and key >= 0)
+                or (isinstance(key, str) and key.startswith("cuda:"))):
+            raise BadValue(f"max_memory key {key!r} is not a device; valid: GPU indices 0, 1, …, 'cpu', 'disk'")
+        ok = (isinstance(value, int) and not isinstance(value, bool) and value > 0) or (
+            isinstance(value, str) and re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B)\s*", value, re.I))
+        if not ok:
+            raise BadValue(f"max_memory[{key!r}] = {value!r} is not a size; give bytes (an int) or a string such "
+                           "as '20GiB' / '500MB'")
+
+
+def _check_coverage(location, info: dict, strict: bool) -> None:
+    """Refuse (or, with ``strict=False``, warn about) weights that do not cover the model."""
+    problems = {what: sorted(map(str, info.get(key) or [])) for what, key in
+                (("missing", "missing_keys"), ("unexpected", "unexpected_keys"), ("mis-shaped", "mismatched_keys"))}
+    problems = {k: v for k, v in problems.items() if v}
+    if not problems:
+        return
+    listed = "; ".join(f"{what} ({len(keys)}): {', '.join(keys[:6])}{' …' if len(keys) > 6 else ''}"
+                       for what, keys in problems.items())
+    if strict:
+        raise BadValue(f"the checkpoint {str(location)!r} does not cover the model its config describes — {listed}. "
+                       "A model loaded from it would run with randomly initialised weights there. Check the "
+                       "download and config.json (num_hidden_layers, sizes); pass strict=False to load it anyway.")
+    import warnings
+
+    warnings.warn(f"loaded {str(location)!r} with strict=False although its weights do not cover the model — "
+                  f"{listed}", stacklevel=3)
 
 
 def attach_chat_template(variant: str, *holders) -> None:

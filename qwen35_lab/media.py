@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from .checks import BadType, BadValue, MissingFile, check_float, check_int
 
 __all__ = [
     "SAMPLE_IMAGE",
@@ -71,16 +72,16 @@ def source_path(source, what: str) -> Path:
         if parsed.scheme == "file":
             path = Path(urllib.parse.unquote(parsed.path))
         elif parsed.scheme in ("http", "https", "ftp", "s3", "gs"):
-            raise ValueError(f"{what} {source!r} is a remote URL; it is not downloaded here. Download it and pass "
+            raise BadValue(f"{what} {source!r} is a remote URL; it is not downloaded here. Download it and pass "
                              f"the local path (or a file:// URL)")
         else:
             path = Path(source).expanduser()
     else:
-        raise TypeError(f"{what} must be a path, a file:// URL, a PIL image or an array; got {type(source).__name__}")
+        raise BadType(f"{what} must be a path, a file:// URL, a PIL image or an array; got {type(source).__name__}")
     if not path.exists():
-        raise FileNotFoundError(f"{what} file {str(path)!r} does not exist")
+        raise MissingFile(f"{what} file {str(path)!r} does not exist")
     if not path.is_file():
-        raise ValueError(f"{what} {str(path)!r} is not a file")
+        raise BadValue(f"{what} {str(path)!r} is not a file")
     return path
 
 
@@ -111,12 +112,12 @@ def _as_numpy(x):
 def _image_from_array(array: np.ndarray, what: str) -> Image.Image:
     """PIL image of a ``[H, W, 3]`` uint8 array."""
     if array.ndim != 3 or array.shape[-1] != 3:
-        raise ValueError(f"{what} array must be [H, W, 3] (RGB, channels last); got shape {list(array.shape)}")
+        raise BadValue(f"{what} array must be [H, W, 3] (RGB, channels last); got shape {list(array.shape)}")
     if array.dtype != np.uint8:
-        raise ValueError(f"{what} array must be uint8 (0–255); got {array.dtype}. Convert with "
+        raise BadValue(f"{what} array must be uint8 (0–255); got {array.dtype}. Convert with "
                          f"(x * 255).round().clip(0, 255).astype(np.uint8) for values in [0, 1]")
     if 0 in array.shape:
-        raise ValueError(f"{what} array is empty: shape {list(array.shape)}")
+        raise BadValue(f"{what} array is empty: shape {list(array.shape)}")
     return Image.fromarray(np.ascontiguousarray(array), mode="RGB")
 
 
@@ -134,18 +135,18 @@ def open_image(source, what: str = "image") -> Image.Image:
     if isinstance(source, str) and source.startswith("data:"):
         header, _, payload = source.partition(",")
         if ";base64" not in header or not payload:
-            raise ValueError(f"{what} data URL must be 'data:image/...;base64,<payload>'; got {source[:40]!r}…")
+            raise BadValue(f"{what} data URL must be 'data:image/...;base64,<payload>'; got {source[:40]!r}…")
         try:
             data = base64.b64decode(payload, validate=True)
             image = Image.open(io.BytesIO(data))
         except Exception as error:
-            raise ValueError(f"{what} data URL does not hold a readable image ({error})") from None
+            raise BadValue(f"{what} data URL does not hold a readable image ({error})") from None
         return image
     path = source_path(source, what)
     try:
         return Image.open(path)
     except Exception as error:
-        raise ValueError(f"{what} file {str(path)!r} is not a readable image "
+        raise BadValue(f"{what} file {str(path)!r} is not a readable image "
                          f"({type(error).__name__}: {error})") from None
 
 
@@ -153,9 +154,10 @@ def load_image(source, what: str = "image") -> Image.Image:
     """The RGB PIL image of ``source`` (see :func:`open_image` for what a source may be)."""
     image = open_image(source, what)
     try:
+        image.load()  # decode now: a truncated file fails here, with its name, not deep in the processor
         return image if image.mode == "RGB" else image.convert("RGB")
     except Exception as error:
-        raise ValueError(f"{what} {_describe(source)} cannot be decoded ({type(error).__name__}: {error})") from None
+        raise BadValue(f"{what} {_describe(source)} cannot be decoded ({type(error).__name__}: {error})") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -183,11 +185,15 @@ def _open_container(path: Path, what: str):
     try:
         container = av.open(str(path))
     except Exception as error:
-        raise ValueError(f"{what} file {str(path)!r} is not a readable video "
+        raise BadValue(f"{what} file {str(path)!r} is not a readable video "
                          f"({type(error).__name__}: {error})") from None
     if not container.streams.video:
         container.close()
-        raise ValueError(f"{what} file {str(path)!r} has no video stream")
+        raise BadValue(f"{what} file {str(path)!r} has no video stream")
+    if container.format.name in ("image2", "png_pipe", "jpeg_pipe", "webp_pipe", "bmp_pipe", "gif", "tiff_pipe"):
+        container.close()
+        raise BadValue(f"{what} file {str(path)!r} is an image, not a video; pass it as "
+                       "{'type': 'image', 'image': ...}")
     return container
 
 
@@ -208,13 +214,16 @@ def probe_video(source, what: str = "video") -> VideoInfo:
             for total, frame in enumerate(container.decode(video=0), start=1):
                 height, width = frame.height, frame.width
     except Exception as error:
-        raise ValueError(f"{what} file {str(path)!r} cannot be decoded ({type(error).__name__}: {error})") from None
+        raise BadValue(f"{what} file {str(path)!r} cannot be decoded ({type(error).__name__}: {error})") from None
     finally:
         container.close()
     if total == 0:
-        raise ValueError(f"{what} file {str(path)!r} has no frames")
+        raise BadValue(f"{what} file {str(path)!r} has no frames")
+    if total < 2:
+        raise BadValue(f"{what} file {str(path)!r} has 1 frame; a video needs at least 2 (frames are read in pairs, "
+                       "temporal patch 2): pass a single frame as an image")
     if not rate or float(rate) <= 0:
-        raise ValueError(f"{what} file {str(path)!r} does not say its frame rate; decode it yourself and pass the "
+        raise BadValue(f"{what} file {str(path)!r} does not say its frame rate; decode it yourself and pass the "
                          f"frames with video_fps=")
     return VideoInfo(total_frames=total, video_fps=float(rate), height=height, width=width)
 
@@ -228,9 +237,9 @@ def read_frames(source, indices, what: str = "video") -> np.ndarray:
     path = source_path(source, what)
     wanted = [int(i) for i in np.asarray(indices).reshape(-1)]
     if not wanted:
-        raise ValueError(f"no frame indices given for {what} {str(path)!r}")
+        raise BadValue(f"no frame indices given for {what} {str(path)!r}")
     if min(wanted) < 0:
-        raise ValueError(f"frame indices must be ≥ 0; got {min(wanted)}")
+        raise BadValue(f"frame indices must be ≥ 0; got {min(wanted)}")
     found: dict[int, np.ndarray] = {}
     last = max(wanted)
     need = set(wanted)
@@ -242,12 +251,12 @@ def read_frames(source, indices, what: str = "video") -> np.ndarray:
             if i in need:
                 found[i] = frame.to_ndarray(format="rgb24")
     except Exception as error:
-        raise ValueError(f"{what} file {str(path)!r} cannot be decoded ({type(error).__name__}: {error})") from None
+        raise BadValue(f"{what} file {str(path)!r} cannot be decoded ({type(error).__name__}: {error})") from None
     finally:
         container.close()
     missing = sorted(need - set(found))
     if missing:
-        raise ValueError(f"{what} file {str(path)!r} ended before frame {missing[0]} (decoded {len(found)} of the "
+        raise BadValue(f"{what} file {str(path)!r} ended before frame {missing[0]} (decoded {len(found)} of the "
                          f"wanted frames); its header over-states its length. Decode it yourself and pass the frames")
     return np.stack([found[i] for i in wanted])
 
@@ -257,15 +266,11 @@ def read_frames(source, indices, what: str = "video") -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 def _positive_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive number; got {value!r}")
-    return float(value)
+    return check_float(name, value, lo=0, lo_open=True)
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be an integer ≥ 1; got {value!r}")
-    return int(value)
+    return check_int(name, value, lo=1)
 
 
 def frame_window(total_frames: int, video_fps: float, start=None, end=None) -> tuple[int, int]:
@@ -279,16 +284,16 @@ def frame_window(total_frames: int, video_fps: float, start=None, end=None) -> t
     for name, value in (("start", start), ("end", end)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
                                   or not math.isfinite(value) or value < 0):
-            raise ValueError(f"{name} must be a time in seconds ≥ 0; got {value!r}")
+            raise BadValue(f"{name} must be a time in seconds ≥ 0; got {value!r}")
     if start is not None and end is not None and start >= end:
-        raise ValueError(f"start ({start} s) must be before end ({end} s)")
+        raise BadValue(f"start ({start} s) must be before end ({end} s)")
     first = 0 if start is None else math.ceil(start * video_fps - 1e-6)
     last = total_frames - 1 if end is None else min(total_frames, math.ceil(end * video_fps - 1e-6)) - 1
     if first > total_frames - 1:
-        raise ValueError(f"start={start} s is at or past the end of the video ({total_frames} frames at "
+        raise BadValue(f"start={start} s is at or past the end of the video ({total_frames} frames at "
                          f"{video_fps:g} fps = {duration:.3f} s)")
     if last < first:
-        raise ValueError(f"no frame lies in [start={start or 0} s, end={end} s) of the video ({total_frames} frames at "
+        raise BadValue(f"no frame lies in [start={start or 0} s, end={end} s) of the video ({total_frames} frames at "
                          f"{video_fps:g} fps: one every {1 / video_fps:.3f} s); widen the window")
     return first, last
 
@@ -303,9 +308,9 @@ def sample_frame_indices(total_frames: int, video_fps: float, *, fps=None, num_f
     every frame of the window (the frames were sampled already). See the module docstring.
     """
     if fps is not None and num_frames is not None:
-        raise ValueError(f"fps ({fps}) and num_frames ({num_frames}) are exclusive: give one")
+        raise BadValue(f"fps ({fps}) and num_frames ({num_frames}) are exclusive: give one")
     if not isinstance(do_sample_frames, bool):
-        raise TypeError(f"do_sample_frames must be True or False; got {do_sample_frames!r}")
+        raise BadType(f"do_sample_frames must be True or False; got {do_sample_frames!r}")
     if fps is not None:
         fps = _positive_number("fps", fps)
     if num_frames is not None:
@@ -313,18 +318,18 @@ def sample_frame_indices(total_frames: int, video_fps: float, *, fps=None, num_f
     min_frames = _positive_int("min_frames", min_frames)
     max_frames = _positive_int("max_frames", max_frames)
     if max_frames < min_frames:
-        raise ValueError(f"max_frames ({max_frames}) must be ≥ min_frames ({min_frames})")
+        raise BadValue(f"max_frames ({max_frames}) must be ≥ min_frames ({min_frames})")
     first, last = frame_window(total_frames, video_fps, start, end)
     total = last - first + 1
     if not do_sample_frames:
         if fps is not None or num_frames is not None:
-            raise ValueError("do_sample_frames=False takes every frame as given; drop fps / num_frames "
+            raise BadValue("do_sample_frames=False takes every frame as given; drop fps / num_frames "
                              f"(got fps={fps}, num_frames={num_frames})")
         return np.arange(first, last + 1, dtype=np.int64)
     if num_frames is not None:
         if num_frames > total:
             where = "the video has" if (start is None and end is None) else "the window [start, end) holds"
-            raise ValueError(f"num_frames={num_frames} is more than {where} ({total} frames); ask for at most "
+            raise BadValue(f"num_frames={num_frames} is more than {where} ({total} frames); ask for at most "
                              f"{total}, or sample by rate with fps=")
         n = num_frames
     else:
@@ -343,7 +348,7 @@ def pair_timestamps(indices, video_fps: float, temporal_patch_size: int = 2) -> 
     video_fps = _positive_number("video_fps", video_fps)
     idx = [int(i) for i in np.asarray(indices).reshape(-1)]
     if not idx:
-        raise ValueError("no frame indices given")
+        raise BadValue("no frame indices given")
     idx += [idx[-1]] * (-len(idx) % temporal_patch_size)
     times = [i / video_fps for i in idx]
     return [(times[k] + times[k + temporal_patch_size - 1]) / 2 for k in range(0, len(times), temporal_patch_size)]
@@ -364,7 +369,7 @@ def synthetic_video(seconds: float = 4.0, fps: int = 8, width: int = 128, height
     width, height = _positive_int("width", width), _positive_int("height", height)
     n = round(seconds * fps)
     if n < 1:
-        raise ValueError(f"seconds × fps = {seconds * fps} gives no frame")
+        raise BadValue(f"seconds × fps = {seconds * fps} gives no frame")
     font = ImageFont.load_default(size=max(8, height // 8))
     frames = []
     for i in range(n):
@@ -396,9 +401,9 @@ def write_video(path, frames, fps: int, *, codec: str = "libx264", crf: int = 18
 
     frames = _as_numpy(frames)
     if not isinstance(frames, np.ndarray) or frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be a uint8 array [T, H, W, 3]; got {_describe(frames)}")
+        raise BadValue(f"frames must be a uint8 array [T, H, W, 3]; got {_describe(frames)}")
     if frames.shape[1] % 2 or frames.shape[2] % 2:
-        raise ValueError(f"H.264 / MPEG-4 in yuv420p need an even height and width; got {frames.shape[1:3]}")
+        raise BadValue(f"H.264 / MPEG-4 in yuv420p need an even height and width; got {frames.shape[1:3]}")
     fps = _positive_int("fps", fps)
     path = Path(path)
     with atomic_file(path) as f:

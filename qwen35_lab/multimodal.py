@@ -51,6 +51,7 @@ import torch
 from PIL import Image
 
 from . import media
+from .checks import BadIndex, BadType, BadValue
 
 __all__ = [
     "InputsTable",
@@ -145,7 +146,7 @@ def _split_build_options(options: dict) -> dict[str, dict]:
     out: dict[str, dict] = {"image": {}, "video": {}}
     for key, value in options.items():
         if key not in BUILD_OPTIONS:
-            raise TypeError(f"unknown option {key!r}; valid: {sorted(BUILD_OPTIONS)}")
+            raise BadType(f"unknown option {key!r}; valid: {sorted(BUILD_OPTIONS)}")
         if value is None:
             continue
         kind, name = BUILD_OPTIONS[key]
@@ -162,15 +163,15 @@ def _part_payload(part: dict, kind: str, where: str):
     if type_.endswith("_url"):
         if isinstance(payload, dict):
             if "url" not in payload:
-                raise ValueError(f"{where}: {type_} needs {{'url': ...}}; got keys {sorted(payload)}")
+                raise BadValue(f"{where}: {type_} needs {{'url': ...}}; got keys {sorted(payload)}")
             extra = {k: v for k, v in payload.items() if k not in ("url", "detail")}
             opts.update(extra)
             payload = payload["url"]
     unknown = sorted(set(opts) - set(valid))
     if unknown:
-        raise ValueError(f"{where}: unknown {kind} option(s) {unknown}; valid: {list(valid)}")
+        raise BadValue(f"{where}: unknown {kind} option(s) {unknown}; valid: {list(valid)}")
     if payload is None:
-        raise ValueError(f"{where}: the {type_!r} part has no {type_!r} value (a path, URL, image or frames)")
+        raise BadValue(f"{where}: the {type_!r} part has no {type_!r} value (a path, URL, image or frames)")
     return payload, opts
 
 
@@ -185,7 +186,7 @@ def _merge(defaults: dict, own: dict) -> dict:
 
 def _pixels(name: str, value, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{where}: {name} must be a positive integer number of pixels; got {value!r}")
+        raise BadValue(f"{where}: {name} must be a positive integer number of pixels; got {value!r}")
     return int(value)
 
 
@@ -196,17 +197,17 @@ def _pixel_bounds(opts: dict, size: Mapping, where: str) -> tuple[int, int]:
         return min(int(size["shortest_edge"]), hi), hi
     lo = _pixels("min_pixels", opts["min_pixels"], where)
     if lo > hi:
-        raise ValueError(f"{where}: min_pixels ({lo}) must be ≤ max_pixels ({hi})")
+        raise BadValue(f"{where}: min_pixels ({lo}) must be ≤ max_pixels ({hi})")
     return lo, hi
 
 
 def _check_frame_size(height: int, width: int, patch: int, what: str) -> None:
     if min(height, width) < patch:
-        raise ValueError(f"{what} is {width}×{height} px; each side must be at least {patch} px (one vision patch). "
+        raise BadValue(f"{what} is {width}×{height} px; each side must be at least {patch} px (one vision patch). "
                          f"Scale it up yourself if you mean to (the processor would blow it up to min_pixels)")
     if max(height, width) / min(height, width) > 200:
         ratio = max(height, width) / min(height, width)
-        raise ValueError(f"{what} is {width}×{height} px, an aspect ratio of {ratio:.0f}; the vision processor takes "
+        raise BadValue(f"{what} is {width}×{height} px, an aspect ratio of {ratio:.0f}; the vision processor takes "
                          "at most 200")
 
 
@@ -214,7 +215,7 @@ def _processors(lab):
     proc = getattr(lab, "processor", None)
     ip, vp = getattr(proc, "image_processor", None), getattr(proc, "video_processor", None)
     if not getattr(lab, "is_multimodal", False) or ip is None or vp is None:
-        raise ValueError(f"{getattr(lab, 'name', 'this model')!r} has no vision tower or no image/video processor "
+        raise BadValue(f"{getattr(lab, 'name', 'this model')!r} has no vision tower or no image/video processor "
                          "here (was it loaded text-only?); load the multimodal model to prompt with images or video")
     return proc, ip, vp
 
@@ -232,19 +233,19 @@ def _frames_array(payload, what: str) -> np.ndarray:
     payload = media._as_numpy(payload)
     if isinstance(payload, np.ndarray):
         if payload.ndim != 4 or payload.shape[-1] != 3:
-            raise ValueError(f"{what}: a video array must be [T, H, W, 3] (RGB, channels last); "
+            raise BadValue(f"{what}: a video array must be [T, H, W, 3] (RGB, channels last); "
                              f"got {list(payload.shape)}")
         if payload.dtype != np.uint8:
-            raise ValueError(f"{what}: a video array must be uint8 (0–255); got {payload.dtype}")
+            raise BadValue(f"{what}: a video array must be uint8 (0–255); got {payload.dtype}")
         if payload.shape[0] == 0:
-            raise ValueError(f"{what}: the video has no frames (shape {list(payload.shape)})")
+            raise BadValue(f"{what}: the video has no frames (shape {list(payload.shape)})")
         return payload
     if len(payload) == 0:
-        raise ValueError(f"{what}: the video has no frames (an empty list)")
+        raise BadValue(f"{what}: the video has no frames (an empty list)")
     frames = [np.asarray(media.load_image(f, f"{what} frame {k}")) for k, f in enumerate(payload)]
     sizes = sorted({f.shape for f in frames})
     if len(sizes) > 1:
-        raise ValueError(f"{what}: all frames must have one size; got {[s[:2] for s in sizes]}")
+        raise BadValue(f"{what}: all frames must have one size; got {[s[:2] for s in sizes]}")
     return np.stack(frames)
 
 
@@ -252,7 +253,7 @@ def _resolve_video(vp, payload, opts, where) -> _Video:
     what = f"{where} video {media._describe(payload)}"
     if isinstance(payload, (str, Path)):
         if "video_fps" in opts:
-            raise ValueError(f"{where}: video_fps is for in-memory frames; a file's frame rate is read from the file")
+            raise BadValue(f"{where}: video_fps is for in-memory frames; a file's frame rate is read from the file")
         path, frames = media.source_path(payload, what), None
         info = media.probe_video(path, what)
     elif isinstance(payload, (list, tuple, np.ndarray)) or type(payload).__module__.startswith("torch"):
@@ -260,7 +261,7 @@ def _resolve_video(vp, payload, opts, where) -> _Video:
         info = media.VideoInfo(total_frames=len(frames), video_fps=_video_fps(opts, what), height=frames.shape[1],
                                width=frames.shape[2])
     else:
-        raise TypeError(f"{where}: a video is a file path / file:// URL, a list of frames or a uint8 array "
+        raise BadType(f"{where}: a video is a file path / file:// URL, a list of frames or a uint8 array "
                         f"[T, H, W, 3]; got {type(payload).__name__}")
     return _sampled_video(vp, info, opts, where, what, source=payload, path=path, frames=frames)
 
@@ -358,10 +359,10 @@ def _build(lab, messages, *, enable_thinking=None, tools=None, add_generation_pr
     for text in texts:
         for special in (VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD):
             if special in text:
-                raise ValueError(f"the message text contains the special token {special}; vision tokens come only "
+                raise BadValue(f"the message text contains the special token {special}; vision tokens come only "
                                  "from image / video parts")
     if slots != [kind for kind, _, _ in parts]:
-        raise ValueError(f"the chat template placed {slots} but the messages hold {[k for k, _, _ in parts]}; the "
+        raise BadValue(f"the chat template placed {slots} but the messages hold {[k for k, _, _ in parts]}; the "
                          "template renders media only in user / assistant / tool content")
     if not parts:
         ids = lab.tokenizer(template_text, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -429,7 +430,7 @@ def _check_grids(kind: str, got: torch.Tensor, planned: list) -> None:
 def _check_context(lab, n_tokens: int, n_vision: int) -> None:
     limit = getattr(lab.text_config, "max_position_embeddings", None)
     if limit is not None and n_tokens > limit:
-        raise ValueError(f"the prompt would be {n_tokens} tokens ({n_vision} of them vision tokens), more than the "
+        raise BadValue(f"the prompt would be {n_tokens} tokens ({n_vision} of them vision tokens), more than the "
                          f"model's max_position_embeddings of {limit}. Use fewer pixels (max_pixels=), fewer frames "
                          "(fps= / num_frames= / max_frames=) or a shorter window (start= / end=)")
 
@@ -471,7 +472,7 @@ def segments(lab, inputs, *, batch: int = 0, text: bool = False) -> list[dict]:
     if inputs.get("attention_mask") is not None:
         keep = inputs["attention_mask"][batch].bool().tolist()
         if not all(keep):
-            raise ValueError("segments() reads unpadded prompts; this one has padding")
+            raise BadValue("segments() reads unpadded prompts; this one has padding")
     image_pad = _token_id(lab, "image_token_id", IMAGE_PAD)
     video_pad = _token_id(lab, "video_token_id", VIDEO_PAD)
     merge = getattr(getattr(lab.config, "vision_config", None), "spatial_merge_size", 2)
@@ -504,7 +505,7 @@ def segments(lab, inputs, *, batch: int = 0, text: bool = False) -> list[dict]:
                 row["text"] = lab.tokenizer.decode(ids[start:end], skip_special_tokens=False)
         elif kind == "image":
             if n_image >= len(image_grids):
-                raise ValueError(f"the prompt has more image blocks than image_grid_thw rows ({len(image_grids)})")
+                raise BadValue(f"the prompt has more image blocks than image_grid_thw rows ({len(image_grids)})")
             g = image_grids[n_image]
             _expect(end - start, g[0] * g[1] * g[2] // merge**2, f"image {n_image}")
             row.update(media=f"image {n_image}", grid=list(g),
@@ -512,7 +513,7 @@ def segments(lab, inputs, *, batch: int = 0, text: bool = False) -> list[dict]:
             n_image += 1
         else:
             if n_video >= len(video_grids):
-                raise ValueError(f"the prompt has more video blocks than video_grid_thw rows ({len(video_grids)})")
+                raise BadValue(f"the prompt has more video blocks than video_grid_thw rows ({len(video_grids)})")
             g = video_grids[n_video]
             per_pair = g[1] * g[2]
             _expect(end - start, per_pair // merge**2, f"video {n_video} pair {pair}")
@@ -527,14 +528,14 @@ def segments(lab, inputs, *, batch: int = 0, text: bool = False) -> list[dict]:
         rows.append(row)
         start = end
     if n_image != len(image_grids) or n_video != len(video_grids) or pair:
-        raise ValueError(f"the prompt's vision blocks ({n_image} images, {n_video} videos) do not match "
+        raise BadValue(f"the prompt's vision blocks ({n_image} images, {n_video} videos) do not match "
                          f"image_grid_thw / video_grid_thw ({len(image_grids)} / {len(video_grids)} rows)")
     return rows
 
 
 def _expect(got: int, want: int, what: str) -> None:
     if got != want:
-        raise ValueError(f"{what} has {got} tokens in the prompt but its grid makes {want}")
+        raise BadValue(f"{what} has {got} tokens in the prompt but its grid makes {want}")
 
 
 def segment_slices(source, kind: str | None = None) -> list[slice]:
@@ -545,9 +546,9 @@ def segment_slices(source, kind: str | None = None) -> list[slice]:
     """
     rows = source.meta.get("segments") if hasattr(source, "meta") else source
     if rows is None:
-        raise ValueError("this trace has no meta['segments']")
+        raise BadValue("this trace has no meta['segments']")
     if kind is not None and kind not in ("text", "image", "video"):
-        raise ValueError(f"kind must be 'text', 'image', 'video' or None; got {kind!r}")
+        raise BadValue(f"kind must be 'text', 'image', 'video' or None; got {kind!r}")
     return [slice(r["start"], r["end"]) for r in rows if kind is None or r["kind"] == kind]
 
 
@@ -688,12 +689,12 @@ def vision_budget(lab, image=None, video=None, **options) -> dict:
     (vision tokens plus the timestamp and marker tokens).
     """
     if (image is None) == (video is None):
-        raise ValueError("give exactly one of image= or video=")
+        raise BadValue("give exactly one of image= or video=")
     _, ip, vp = _processors(lab)
     if image is not None:
         unknown = sorted(set(options) - set(IMAGE_OPTIONS))
         if unknown:
-            raise ValueError(f"unknown image option(s) {unknown}; valid: {list(IMAGE_OPTIONS)}")
+            raise BadValue(f"unknown image option(s) {unknown}; valid: {list(IMAGE_OPTIONS)}")
         if isinstance(image, tuple) and len(image) == 2 and all(isinstance(x, numbers.Integral) for x in image):
             _check_frame_size(int(image[0]), int(image[1]), ip.patch_size, f"image size {image}")
             lo, hi = _pixel_bounds(options, ip.size, "vision_budget")
@@ -709,11 +710,11 @@ def vision_budget(lab, image=None, video=None, **options) -> dict:
                 "tokens": patches // ip.merge_size**2}
     unknown = sorted(set(options) - set(VIDEO_OPTIONS))
     if unknown:
-        raise ValueError(f"unknown video option(s) {unknown}; valid: {list(VIDEO_OPTIONS)}")
+        raise BadValue(f"unknown video option(s) {unknown}; valid: {list(VIDEO_OPTIONS)}")
     if isinstance(video, tuple) and len(video) == 3 and all(isinstance(x, numbers.Integral) for x in video):
         total, h, w = (int(x) for x in video)
         if total < 1:
-            raise ValueError(f"video size {video}: the video has no frames")
+            raise BadValue(f"video size {video}: the video has no frames")
         what = f"video size {video}"
         info = media.VideoInfo(total_frames=total, video_fps=_video_fps(options, what), height=h, width=w)
         v = _sampled_video(vp, info, options, "vision_budget", what, source=video, path=None, frames=None)
@@ -743,16 +744,16 @@ def _figure(figsize):
 
 def _check_table(info) -> None:
     if not isinstance(info, InputsTable):
-        raise TypeError(f"expected the InputsTable from inspect_inputs(...), got {type(info).__name__}")
+        raise BadType(f"expected the InputsTable from inspect_inputs(...), got {type(info).__name__}")
 
 
 def plot_frames(info: InputsTable, video: int = 0, *, columns: int = 8):
     """Contact sheet of a video's sampled frames: source frame index, its time, and the pair's timestamp."""
     _check_table(info)
     if not info.videos:
-        raise ValueError("the prompt has no video")
+        raise BadValue("the prompt has no video")
     if not 0 <= video < len(info.videos):
-        raise IndexError(f"video {video} out of range: the prompt has {len(info.videos)} videos")
+        raise BadIndex(f"video {video} out of range: the prompt has {len(info.videos)} videos")
     v = info.videos[video]
     n = len(v["frame_indices"])
     cols = max(1, min(columns, n))
@@ -782,9 +783,9 @@ def plot_patches(info: InputsTable, image: int = 0):
     """The image as the vision tower sees it (resized), with its 16-px patches and 2×2 merged tokens."""
     _check_table(info)
     if not info.images:
-        raise ValueError("the prompt has no image")
+        raise BadValue("the prompt has no image")
     if not 0 <= image < len(info.images):
-        raise IndexError(f"image {image} out of range: the prompt has {len(info.images)} images")
+        raise BadIndex(f"image {image} out of range: the prompt has {len(info.images)} images")
     im = info.images[image]
     (H, W), (_, gh, gw) = im["resized"], im["grid"]
     patch = H // gh
@@ -814,7 +815,7 @@ def mark_segments(ax, source, kinds=("image", "video"), *, labels: bool = True) 
     """
     rows = source.meta.get("segments") if hasattr(source, "meta") else source
     if rows is None:
-        raise ValueError("no segments: pass an InputsTable, a segments list, or a trace with meta['segments']")
+        raise BadValue("no segments: pass an InputsTable, a segments list, or a trace with meta['segments']")
     colors = {"image": "tab:green", "video": "tab:purple", "text": "tab:gray"}
     spans: dict[str, list[int]] = {}
     for r in rows:

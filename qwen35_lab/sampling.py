@@ -37,6 +37,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, TextStreamer
 
 from . import chat_format, checks
+from .checks import BadType, BadValue
 
 __all__ = [
     "PARAMETERS",
@@ -106,17 +107,17 @@ class SamplingParams:
         for name, (low, high, low_in, high_in, text) in _RANGES.items():
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be a number in {text}, got {value!r}")
+                raise BadType(f"{name} must be a number in {text}, got {value!r}")
             value = float(value)
             ok = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
             if not ok or math.isnan(value):
-                raise ValueError(f"{name}={value!r} is out of range; valid: {text}")
+                raise BadValue(f"{name}={value!r} is out of range; valid: {text}")
             object.__setattr__(self, name, value)
         k = self.top_k
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) and not (isinstance(k, float) and k.is_integer()):
-            raise TypeError(f"top_k must be an integer >= -1 (0 or -1 = off), got {k!r}")
+            raise BadType(f"top_k must be an integer >= -1 (0 or -1 = off), got {k!r}")
         if k < -1:
-            raise ValueError(f"top_k={k!r} is out of range; valid: an integer >= -1 (0 or -1 = off)")
+            raise BadValue(f"top_k={k!r} is out of range; valid: an integer >= -1 (0 or -1 = off)")
         object.__setattr__(self, "top_k", int(k))
 
     @property
@@ -190,11 +191,11 @@ def get_preset(name: str) -> Preset:
     if isinstance(name, Preset):
         return name
     if not isinstance(name, str):
-        raise TypeError(f"preset must be a preset name (str), got {type(name).__name__}")
+        raise BadType(f"preset must be a preset name (str), got {type(name).__name__}")
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown preset {name!r}{hint} Presets: {', '.join(PRESETS)}")
+        raise BadValue(f"unknown preset {name!r}{hint} Presets: {', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -216,13 +217,13 @@ def resolve(sampling: dict, *, defaults: dict | None = None) -> tuple[SamplingPa
     and ``enable_thinking``. Everything is checked before anything runs.
     """
     if not isinstance(sampling, dict):
-        raise TypeError(f"sampling arguments must be a dict, got {type(sampling).__name__}")
+        raise BadType(f"sampling arguments must be a dict, got {type(sampling).__name__}")
     valid = set(PARAMETERS) | {"preset", "seed", "do_sample", "enable_thinking"}
     unknown = set(sampling) - valid
     if unknown:
         hints = [f"{u!r} (did you mean {difflib.get_close_matches(u, valid, n=1)[0]!r}?)"
                  if difflib.get_close_matches(u, valid, n=1) else repr(u) for u in sorted(unknown)]
-        raise TypeError(f"unknown sampling argument(s) {', '.join(hints)}; valid: {', '.join(sorted(valid))}")
+        raise BadType(f"unknown sampling argument(s) {', '.join(hints)}; valid: {', '.join(sorted(valid))}")
     merged = {**_VLLM_DEFAULTS, **(defaults or {})}
     enable_thinking = None
     if sampling.get("preset") is not None:
@@ -232,20 +233,20 @@ def resolve(sampling: dict, *, defaults: dict | None = None) -> tuple[SamplingPa
     merged.update({k: v for k, v in sampling.items() if k in PARAMETERS})
     do_sample = sampling.get("do_sample")
     if do_sample is not None and not isinstance(do_sample, bool):
-        raise TypeError(f"do_sample must be True, False or None, got {do_sample!r}")
+        raise BadType(f"do_sample must be True, False or None, got {do_sample!r}")
     if do_sample is False:
         merged["temperature"] = 0.0
     params = SamplingParams(**merged)
     if do_sample is True and params.greedy:
-        raise ValueError("do_sample=True with temperature=0 asks for sampling and greedy decoding at once; "
+        raise BadValue("do_sample=True with temperature=0 asks for sampling and greedy decoding at once; "
                          "give a temperature in (0, 2] or drop do_sample")
     if sampling.get("enable_thinking") is not None:
         enable_thinking = sampling["enable_thinking"]
         if not isinstance(enable_thinking, bool):
-            raise TypeError(f"enable_thinking must be True, False or None, got {enable_thinking!r}")
+            raise BadType(f"enable_thinking must be True, False or None, got {enable_thinking!r}")
     seed = sampling.get("seed")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
-        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+        raise BadValue(f"seed must be a non-negative integer or None, got {seed!r}")
     return params, enable_thinking, seed
 
 
@@ -370,7 +371,7 @@ class PenaltiesProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] < self.prompt_len:
-            raise ValueError(f"PenaltiesProcessor was made for a {self.prompt_len}-token prompt but got "
+            raise BadValue(f"PenaltiesProcessor was made for a {self.prompt_len}-token prompt but got "
                              f"{input_ids.shape[1]} tokens; build the processors for this prompt")
         return apply_penalties(scores, input_ids[:, :self.prompt_len], input_ids[:, self.prompt_len:],
                                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
@@ -463,7 +464,7 @@ def generation_kwargs(lab, sampling: dict, *, prompt_ids: torch.Tensor | None = 
     """
     params, _, seed = resolve(sampling, defaults=_checkpoint_defaults(lab.model))
     if prompt_ids is None and params.has_penalties:
-        raise ValueError("the penalties need the prompt: pass prompt_ids= (the [B, T] prompt token ids)")
+        raise BadValue("the penalties need the prompt: pass prompt_ids= (the [B, T] prompt token ids)")
     prompt_len = 0 if prompt_ids is None else int(prompt_ids.shape[-1])
     kw = {name: None for name in _HF_OFF}
     kw.update(do_sample=not params.greedy, logits_processor=logits_processors(params, prompt_len))
@@ -555,18 +556,18 @@ class Sample:
 
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise BadValue(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
 def _model_inputs(lab, prompt, *, chat: bool, enable_thinking):
     if isinstance(prompt, str):
         if not prompt:
-            raise ValueError("the prompt is empty")
+            raise BadValue("the prompt is empty")
         return lab.prepare([{"role": "user", "content": prompt}] if chat else prompt, enable_thinking=enable_thinking)
     if isinstance(prompt, list):
         return lab.prepare(prompt, enable_thinking=enable_thinking)
-    raise TypeError(f"a prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
+    raise BadType(f"a prompt must be a str or a list of chat messages, got {type(prompt).__name__}")
 
 
 def sample(lab, prompt, *, max_new_tokens: int = 64, seed: int | None = None, chat: bool = True,
@@ -581,7 +582,7 @@ def sample(lab, prompt, *, max_new_tokens: int = 64, seed: int | None = None, ch
     inputs = _model_inputs(lab, prompt, chat=chat, enable_thinking=enable_thinking)
     prompt_ids = inputs["input_ids"]  # [1, T]
     if prompt_ids.shape[0] != 1:
-        raise ValueError(f"sample() takes one prompt at a time, got a batch of {prompt_ids.shape[0]}")
+        raise BadValue(f"sample() takes one prompt at a time, got a batch of {prompt_ids.shape[0]}")
     kw = generation_kwargs(lab, {**{k: v for k, v in sampling.items() if k != "enable_thinking"}, "seed": seed},
                            prompt_ids=prompt_ids)
     raw, final = _EntropyRecorder(), _EntropyRecorder()
@@ -621,28 +622,28 @@ _GRID_KEYS = set(PARAMETERS) | {"enable_thinking"}
 def _settings(grid, presets) -> list[dict]:
     """Every combination: each preset (or none) as the base, the grid's values on top."""
     if grid is None and presets is None:
-        raise ValueError("give grid={'temperature': [0.5, 1.0], ...} and/or presets=[...] to sweep over")
+        raise BadValue("give grid={'temperature': [0.5, 1.0], ...} and/or presets=[...] to sweep over")
     if grid is not None:
         if not isinstance(grid, dict):
-            raise TypeError(f"grid must be a dict {{parameter: [values]}}, got {type(grid).__name__}")
+            raise BadType(f"grid must be a dict {{parameter: [values]}}, got {type(grid).__name__}")
         if not grid:
-            raise ValueError(f"the grid is empty; give at least one parameter with values, e.g. "
+            raise BadValue(f"the grid is empty; give at least one parameter with values, e.g. "
                              f"{{'temperature': [0.5, 1.0]}}. Parameters: {', '.join(sorted(_GRID_KEYS))}")
         for key, values in grid.items():
             if key not in _GRID_KEYS:
                 close = difflib.get_close_matches(str(key), _GRID_KEYS, n=1)
-                raise ValueError(f"unknown grid parameter {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                raise BadValue(f"unknown grid parameter {key!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
                                  f"valid: {', '.join(sorted(_GRID_KEYS))}")
             if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
-                raise TypeError(f"grid[{key!r}] must be a list of values, got {values!r}")
+                raise BadType(f"grid[{key!r}] must be a list of values, got {values!r}")
             if not list(values):
-                raise ValueError(f"grid[{key!r}] is empty; give at least one value")
+                raise BadValue(f"grid[{key!r}] is empty; give at least one value")
     if presets is not None:
         if isinstance(presets, str) or not hasattr(presets, "__iter__"):
-            raise TypeError(f"presets must be a list of preset names, got {presets!r}")
+            raise BadType(f"presets must be a list of preset names, got {presets!r}")
         presets = list(presets)
         if not presets:
-            raise ValueError(f"presets is empty; choose from {', '.join(PRESETS)}")
+            raise BadValue(f"presets is empty; choose from {', '.join(PRESETS)}")
     bases = [{"preset": get_preset(p).name} for p in presets] if presets else [{}]
     keys = list(grid or {})
     combos = list(itertools.product(*[list(grid[k]) for k in keys])) if keys else [()]
@@ -694,7 +695,7 @@ def sweep(lab, prompts, *, grid: dict | None = None, presets=None, n: int = 1, s
     n = _check_positive_int("n", n)
     max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise BadValue(f"seed must be a non-negative integer, got {seed!r}")
     checks.check_bool("chat", chat)
     checks.check_bool("progress", progress)
     loop_threshold = checks.check_float("loop_threshold", loop_threshold, lo=0, hi=1)
@@ -733,10 +734,10 @@ def _sweep_prompts(prompts, column) -> list:
         raise checks.BadValue(f"column={column!r} picks a column of a datasets.Dataset, but prompts is a "
                               f"{type(prompts).__name__}")
     if isinstance(prompts, (str, dict)) or not isinstance(prompts, (list, tuple)):
-        raise TypeError("prompts must be a list of prompts (str or chat messages), e.g. ['Name three colours.'], "
+        raise BadType("prompts must be a list of prompts (str or chat messages), e.g. ['Name three colours.'], "
                         "or a datasets.Dataset with column=")
     if not prompts:
-        raise ValueError("prompts is empty; give at least one prompt")
+        raise BadValue("prompts is empty; give at least one prompt")
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str) and prompt:
             continue
@@ -764,26 +765,26 @@ def plot_sweep(rows, *, x: str | None = None, metrics=_METRICS, by: str | None =
 
     df = rows.to_pandas() if hasattr(rows, "to_pandas") else rows
     if not hasattr(df, "groupby"):
-        raise TypeError(f"rows must be what sweep() returns (a datasets.Dataset) or a DataFrame, "
+        raise BadType(f"rows must be what sweep() returns (a datasets.Dataset) or a DataFrame, "
                         f"got {type(rows).__name__}")
     if len(df) == 0:
-        raise ValueError("rows is empty: nothing to plot")
+        raise BadValue("rows is empty: nothing to plot")
     candidates = ["preset", *PARAMETERS, "enable_thinking"]
     varying = [c for c in candidates if c in df and df[c].astype(str).nunique() > 1]
     if x is None:
         if not varying:
-            raise ValueError("no parameter varies across the rows; pass x=")
+            raise BadValue("no parameter varies across the rows; pass x=")
         x = varying[0]
     if x not in df:
-        raise ValueError(f"x={x!r} is not a column; choose from {', '.join(c for c in candidates if c in df)}")
+        raise BadValue(f"x={x!r} is not a column; choose from {', '.join(c for c in candidates if c in df)}")
     metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     missing = [m for m in metrics if m not in df]
     if missing:
-        raise ValueError(f"unknown metric(s) {missing}; columns: {', '.join(df.columns)}")
+        raise BadValue(f"unknown metric(s) {missing}; columns: {', '.join(df.columns)}")
     others = [c for c in varying if c != x] if by is None else [by]
     for c in others:
         if c not in df:
-            raise ValueError(f"by={c!r} is not a column")
+            raise BadValue(f"by={c!r} is not a column")
     df = df.copy()
     df["_line"] = df[others].astype(str).agg(", ".join, axis=1) if others else "all"
     df["_x"] = df[x].astype(str) if x in ("preset", "enable_thinking") else df[x]

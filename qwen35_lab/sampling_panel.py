@@ -26,6 +26,7 @@ from IPython import get_ipython
 from IPython.display import display
 
 from . import sampling
+from .checks import BadType, BadValue, error_text
 
 __all__ = ["SamplingPanel"]
 
@@ -53,12 +54,12 @@ class SamplingPanel:
     def __init__(self, lab, *, prompt: str = "Name three colours.", preset: str = "qwen3.5-instruct-general",
                  max_new_tokens: int = 32, seed: int = 0, top: int = 10):
         if not hasattr(lab, "model") or not hasattr(lab, "tokenizer"):
-            raise TypeError(f"SamplingPanel needs a Lab (from ql.load(...)), got {type(lab).__name__}")
+            raise BadType(f"SamplingPanel needs a Lab (from ql.load(...)), got {type(lab).__name__}")
         if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a str, got {type(prompt).__name__}")
+            raise BadType(f"prompt must be a str, got {type(prompt).__name__}")
         preset = sampling.get_preset(preset).name
         if isinstance(top, bool) or not isinstance(top, int) or top < 1:
-            raise ValueError(f"top must be a positive integer (how many tokens the chart shows), got {top!r}")
+            raise BadValue(f"top must be a positive integer (how many tokens the chart shows), got {top!r}")
         self.lab = lab
         self.top = top
         self._logits_cache: dict = {}
@@ -171,7 +172,7 @@ class SamplingPanel:
         """Recompute ``current`` (each stage's distribution) and redraw, or show why not."""
         try:
             if not self.prompt.value.strip():
-                raise ValueError("the prompt is empty; write a message for the model")
+                raise BadValue("the prompt is empty; write a message for the model")
             params, enable_thinking, _ = sampling.resolve(self.values())
             logits, prompt_ids = self._prompt_logits(bool(enable_thinking))
             steps = sampling.stages(logits, params, prompt_ids=prompt_ids)
@@ -222,9 +223,9 @@ class SamplingPanel:
         try:
             sampling.resolve(self.values())  # refuse bad settings before any work
             if not self.prompt.value.strip():
-                raise ValueError("the prompt is empty; write a message for the model")
+                raise BadValue("the prompt is empty; write a message for the model")
             if self.max_new_tokens.value < 1:
-                raise ValueError(f"max tokens must be at least 1, got {self.max_new_tokens.value}")
+                raise BadValue(f"max tokens must be at least 1, got {self.max_new_tokens.value}")
         except (ValueError, TypeError) as e:
             self._show_message(str(e))
             return None
@@ -237,7 +238,7 @@ class SamplingPanel:
             s = sampling.sample(self.lab, self.prompt.value, max_new_tokens=int(self.max_new_tokens.value),
                                 seed=int(self.seed.value), on_text=self._on_text, **self.values())
         except Exception as e:  # shown in the panel, never a traceback
-            self._show_message(f"{type(e).__name__}: {e}")
+            self._show_message(error_text(e))
             return None
         finally:
             self._busy = False

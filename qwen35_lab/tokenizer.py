@@ -63,6 +63,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.models.qwen3_5.tokenization_qwen3_5 import Qwen3_5Tokenizer
+from .checks import BadType, BadValue
 
 __all__ = ["SPECIAL_TOKENS", "build_tokenizer", "get_tokenizer"]
 
@@ -197,7 +198,7 @@ def get_tokenizer(*, cache_dir: str | os.PathLike | None = None, rebuild: bool =
     Calls with the same cache share one tokenizer object.
     """
     if not isinstance(rebuild, bool):
-        raise TypeError(f"rebuild must be True or False, got {rebuild!r}")
+        raise BadType(f"rebuild must be True or False, got {rebuild!r}")
     directory = _cache_root(cache_dir) / f"tokenizer-{_cache_version()}"
     key = str(directory)
     with _LOCK:
@@ -256,7 +257,7 @@ def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
         env = os.environ.get("QWEN35_LAB_CACHE")
         cache_dir = env if env else Path.home() / ".cache" / "qwen35_lab"
     elif not isinstance(cache_dir, (str, os.PathLike)):
-        raise TypeError(f"cache_dir must be a path (str or os.PathLike) or None, got {type(cache_dir).__name__}")
+        raise BadType(f"cache_dir must be a path (str or os.PathLike) or None, got {type(cache_dir).__name__}")
     root = Path(cache_dir).expanduser()
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f"cache_dir {str(root)!r} is a file; give a directory (it is created if missing)")
@@ -284,7 +285,7 @@ def _load_cache(directory: Path) -> Qwen3_5Tokenizer | None:
         manifest = json.loads((directory / _MANIFEST).read_text(encoding="utf-8"))
         for name in _CACHE_FILES:
             if _sha256(directory / name) != manifest["sha256"][name]:
-                raise ValueError(f"{name} does not match its checksum")
+                raise BadValue(f"{name} does not match its checksum")
         # The constructor reads tokenizer.json as saved, ignore_merges included
         # (from_pretrained would rebuild the BPE model without it).
         tokenizer = Qwen3_5Tokenizer(tokenizer_file=str(directory / "tokenizer.json"), **_TOKENIZER_KWARGS)
@@ -298,12 +299,12 @@ def _load_cache(directory: Path) -> Qwen3_5Tokenizer | None:
 
 def _check(tokenizer: Qwen3_5Tokenizer) -> None:
     if len(tokenizer) != _NUM_RANKS + len(SPECIAL_TOKENS):
-        raise ValueError(f"{len(tokenizer)} tokens, expected {_NUM_RANKS + len(SPECIAL_TOKENS)}")
+        raise BadValue(f"{len(tokenizer)} tokens, expected {_NUM_RANKS + len(SPECIAL_TOKENS)}")
     for token, token_id in SPECIAL_TOKENS.items():
         if tokenizer.convert_tokens_to_ids(token) != token_id:
-            raise ValueError(f"{token!r} has id {tokenizer.convert_tokens_to_ids(token)}, expected {token_id}")
+            raise BadValue(f"{token!r} has id {tokenizer.convert_tokens_to_ids(token)}, expected {token_id}")
     if not tokenizer.backend_tokenizer.model.ignore_merges:
-        raise ValueError("the BPE model has ignore_merges off")
+        raise BadValue("the BPE model has ignore_merges off")
 
 
 def _write_cache(tokenizer: Qwen3_5Tokenizer, directory: Path) -> None:

@@ -26,6 +26,7 @@ from matplotlib import pyplot
 from matplotlib.figure import Figure
 
 from .instrument import Trace
+from .checks import BadIndex, BadType, BadValue, NotCaptured
 
 __all__ = [
     "GATES",
@@ -157,12 +158,12 @@ def _figsize_for_tokens(n_tokens: int, height: float) -> tuple[float, float]:
 
 def _check_trace(trace) -> None:
     if not isinstance(trace, Trace):
-        raise TypeError(f"expected a Trace (from lab.run(..., capture=...)), got {type(trace).__name__}")
+        raise BadType(f"expected a Trace (from lab.run(..., capture=...)), got {type(trace).__name__}")
 
 
 def _check_int(name: str, value) -> int:
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {value!r}")
+        raise BadType(f"{name} must be an int, got {value!r}")
     return int(value)
 
 
@@ -183,26 +184,26 @@ def _check_layer(trace: Trace, layer, family: str) -> int:
     if types is None:
         return layer
     if not 0 <= layer < len(types):
-        raise IndexError(f"layer {layer} is out of range: the model has {len(types)} layers (0–{len(types) - 1})")
+        raise BadIndex(f"layer {layer} is out of range: the model has {len(types)} layers (0–{len(types) - 1})")
     want = "linear_attention" if family == "deltanet" else "full_attention"
     if (types[layer] == "linear_attention") != (want == "linear_attention"):
         same = _deltanet_layers(trace) if family == "deltanet" else _attention_layers(trace)
         what = "Gated DeltaNet (linear_attention)" if family == "deltanet" else "attention (full_attention)"
-        raise ValueError(f"layer {layer} is a {types[layer]} layer; this plot needs a {what} layer: {same}")
+        raise BadValue(f"layer {layer} is a {types[layer]} layer; this plot needs a {what} layer: {same}")
     return layer
 
 
 def _check_batch(batch, size: int) -> int:
     batch = _check_int("batch", batch)
     if not 0 <= batch < size:
-        raise IndexError(f"batch {batch} is out of range: the trace holds {size} sequences (0–{size - 1})")
+        raise BadIndex(f"batch {batch} is out of range: the trace holds {size} sequences (0–{size - 1})")
     return batch
 
 
 def _check_head(head, n: int, what: str) -> int:
     head = _check_int("head", head)
     if not 0 <= head < n:
-        raise IndexError(f"head {head} is out of range: {what} has {n} captured heads (0–{n - 1})")
+        raise BadIndex(f"head {head} is out of range: {what} has {n} captured heads (0–{n - 1})")
     return head
 
 
@@ -219,9 +220,9 @@ def _head_names(trace: Trace, n: int) -> list[int]:
     return list(heads) if isinstance(heads, (list, tuple)) and len(heads) == n else list(range(n))
 
 
-def _missing(what: str, name: str, glob: str | None = None) -> KeyError:
+def _missing(what: str, name: str, glob: str | None = None) -> NotCaptured:
     also = f" (or {glob!r} for every layer)" if glob else ""
-    return KeyError(f"{what} needs {name!r}, which this trace did not capture: run with capture={name!r}{also}")
+    return NotCaptured(f"{what} needs {name!r}, which this trace did not capture: run with capture={name!r}{also}")
 
 
 def _probe(trace: Trace, name: str, what: str, glob: str | None = None):
@@ -244,7 +245,7 @@ def gate_values(trace: Trace, layer: int, gate: str = "beta") -> tuple[torch.Ten
     """
     _check_trace(trace)
     if gate not in GATES:
-        raise ValueError(f"gate must be one of {', '.join(map(repr, GATES))}; got {gate!r}")
+        raise BadValue(f"gate must be one of {', '.join(map(repr, GATES))}; got {gate!r}")
     layer = _check_layer(trace, layer, "deltanet")
     probe = "beta" if gate == "beta" else "g"
     name = f"layers.{layer}.deltanet.{probe}"
@@ -293,10 +294,10 @@ def plot_gates_overview(trace: Trace, gate: str = "beta", *, batch: int = 0, col
     """One head × token heatmap of ``gate`` per DeltaNet layer that has it, on one colour scale."""
     _check_trace(trace)
     if gate not in GATES:
-        raise ValueError(f"gate must be one of {', '.join(map(repr, GATES))}; got {gate!r}")
+        raise BadValue(f"gate must be one of {', '.join(map(repr, GATES))}; got {gate!r}")
     columns = _check_int("columns", columns)
     if columns < 1:
-        raise ValueError(f"columns must be at least 1, got {columns}")
+        raise BadValue(f"columns must be at least 1, got {columns}")
     layers = _gate_layers(trace, gate)
     if not layers:
         probe = "beta" if gate == "beta" else "g"
@@ -352,7 +353,7 @@ def half_lives(source, *, batch: int = 0) -> dict[int, torch.Tensor]:
         return out
     model = getattr(source, "model", None)
     if model is None or not hasattr(source, "layer_types"):
-        raise TypeError(f"expected a Trace or a Lab (from ql.load), got {type(source).__name__}")
+        raise BadType(f"expected a Trace or a Lab (from ql.load), got {type(source).__name__}")
     params: dict[int, dict[str, torch.Tensor]] = {}
     for name, p in model.named_parameters():
         m = _DECAY_PARAM.search(name)
@@ -363,7 +364,7 @@ def half_lives(source, *, batch: int = 0) -> dict[int, torch.Tensor]:
         neg_g = params[layer]["A_log"].exp() * torch.nn.functional.softplus(params[layer]["dt_bias"])
         out[layer] = math.log(2) / neg_g.clamp_min(1e-12)
     if not out:
-        raise ValueError("this model has no Gated DeltaNet parameters (A_log, dt_bias) to compute half-lives from")
+        raise BadValue("this model has no Gated DeltaNet parameters (A_log, dt_bias) to compute half-lives from")
     return out
 
 
@@ -423,7 +424,7 @@ def state_norms(trace: Trace, layer: int, positions=None, *, batch: int = 0) -> 
     positions = list(range(T)) if positions is None else [_check_int("position", p) for p in positions]
     bad = [p for p in positions if not 0 <= p < T]
     if bad:
-        raise IndexError(f"position {bad[0]} is out of range for layer {layer}'s state: valid 0–{T - 1}")
+        raise BadIndex(f"position {bad[0]} is out of range for layer {layer}'s state: valid 0–{T - 1}")
     norms = []
     for t in positions:
         S = trace.state(layer, t)  # [B, HV, K, V]
@@ -463,7 +464,7 @@ def read_norms(trace: Trace, layer: int, *, batch: int = 0) -> tuple[torch.Tenso
         b = _check_batch(batch, o.shape[0])
         return o[b].norm(dim=-1), trace.positions(name)
     if not _has_state(trace, layer):
-        raise KeyError(f"reading layer {layer}'s state needs {name!r} or 'layers.{layer}.deltanet.state', which "
+        raise NotCaptured(f"reading layer {layer}'s state needs {name!r} or 'layers.{layer}.deltanet.state', which "
                        f"this trace did not capture: run with capture={name!r}")
     q = trace.state_inputs(layer)["q"].float()  # [B, T, HV, K]
     b = _check_batch(batch, q.shape[0])
@@ -503,7 +504,7 @@ def plot_effective_attention(trace: Trace, layer: int, head: int, rows=None, *, 
     rows = list(range(T)) if rows is None else [_check_int("row", r) for r in rows]
     bad = [r for r in rows if not 0 <= r < T]
     if bad:
-        raise IndexError(f"row {bad[0]} is out of range: layer {layer}'s state covers positions 0–{T - 1}")
+        raise BadIndex(f"row {bad[0]} is out of range: layer {layer}'s state covers positions 0–{T - 1}")
     A = trace.effective_attention(layer, heads=[head], rows=rows)  # [B, 1, R, T]
     batch = _check_batch(batch, A.shape[0])
     data = A[batch, 0].numpy()
@@ -630,19 +631,19 @@ def plot_next_token(runs: dict, tokenizer, *, k: int = 10, batch: int = 0) -> Fi
     ``log p_last − log p_first``. ``tokenizer``: a tokenizer, or a Lab (its ``.tokenizer``).
     """
     if not isinstance(runs, dict) or not runs:
-        raise TypeError("runs must be a non-empty dict {label: Trace}, e.g. {'before': tr, 'after': tr_edited}")
+        raise BadType("runs must be a non-empty dict {label: Trace}, e.g. {'before': tr, 'after': tr_edited}")
     tok = getattr(tokenizer, "tokenizer", tokenizer)
     if not hasattr(tok, "convert_ids_to_tokens"):
-        raise TypeError(f"tokenizer must be a tokenizer or a Lab, got {type(tokenizer).__name__}")
+        raise BadType(f"tokenizer must be a tokenizer or a Lab, got {type(tokenizer).__name__}")
     k = _check_int("k", k)
     if k < 1:
-        raise ValueError(f"k must be at least 1, got {k}")
+        raise BadValue(f"k must be at least 1, got {k}")
     logprobs = {}
     for label, tr in runs.items():
         _check_trace(tr)
         logits = tr.meta.get("last_logits")
         if logits is None:
-            raise KeyError(f"run {label!r} has no next-token logits: make it with lab.run(...), which keeps "
+            raise NotCaptured(f"run {label!r} has no next-token logits: make it with lab.run(...), which keeps "
                            "meta['last_logits']")
         b = _check_batch(batch, logits.shape[0])
         logprobs[label] = logits[b].double().log_softmax(-1)  # [vocab]

@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 
 from . import viz
 from .instrument import Trace
+from .checks import BadIndex, BadType, BadValue, error_text
 
 __all__ = ["TraceExplorer"]
 
@@ -46,15 +47,15 @@ class TraceExplorer:
 
     def __init__(self, trace: Trace, *, batch: int = 0):
         if not isinstance(trace, Trace):
-            raise TypeError(f"TraceExplorer needs a Trace (from lab.run(..., capture=...)), got {type(trace).__name__}")
+            raise BadType(f"TraceExplorer needs a Trace (from lab.run(..., capture=...)), got {type(trace).__name__}")
         layers = sorted(set(viz._gate_layers(trace, "beta")) | set(viz._gate_layers(trace, "g")))
         if not layers:
-            raise ValueError("this trace holds no Gated DeltaNet gates: run with capture=['layers.*.deltanet.beta', "
+            raise BadValue("this trace holds no Gated DeltaNet gates: run with capture=['layers.*.deltanet.beta', "
                              "'layers.*.deltanet.g', 'layers.*.deltanet.state'] (the state adds what each head reads)")
         first = self._gates(trace, layers[0])
         x = first["beta"] if first["beta"] is not None else first["g"]  # [B, P, HV]
         if not isinstance(batch, int) or isinstance(batch, bool) or not 0 <= batch < x.shape[0]:
-            raise IndexError(f"batch {batch!r} is out of range: the trace holds {x.shape[0]} sequences "
+            raise BadIndex(f"batch {batch!r} is out of range: the trace holds {x.shape[0]} sequences "
                              f"(0–{x.shape[0] - 1})")
         self.trace = trace
         self.batch = batch
@@ -100,7 +101,7 @@ class TraceExplorer:
         for control, value, valid in checks:
             if value is not None and value not in valid:
                 shown = valid if isinstance(valid, list) else f"{valid.start}–{valid.stop - 1}"
-                raise ValueError(f"{control.description} {value!r} is not offered; valid: {shown}")
+                raise BadValue(f"{control.description} {value!r} is not offered; valid: {shown}")
         self._holding = True
         try:
             for control, value, _ in checks:
@@ -147,11 +148,11 @@ class TraceExplorer:
         x = gates["beta"] if gates["beta"] is not None else gates["g"]
         n_heads = x.shape[2]
         if head >= n_heads:
-            raise IndexError(f"head {head} is out of range: layer {layer} has {n_heads} captured heads "
+            raise BadIndex(f"head {head} is out of range: layer {layer} has {n_heads} captured heads "
                              f"(0–{n_heads - 1})")
         if t not in positions:
             where = f"positions {positions[0]}–{positions[-1]}, {len(positions)} in all" if positions else "none"
-            raise IndexError(f"token {t} was not captured for layer {layer} (captured: {where})")
+            raise BadIndex(f"token {t} was not captured for layer {layer} (captured: {where})")
         i = positions.index(t)
         beta, g = gates["beta"], gates["g"]
         cur = {"layer": layer, "head": head, "token": t,
@@ -186,7 +187,7 @@ class TraceExplorer:
             self.current_figure = self._figure(self.current)
             message = None
         except Exception as e:  # a selection the trace cannot serve: say so in the panel
-            self.current = {"layer": layer, "head": head, "token": t, "error": f"{type(e).__name__}: {e}"}
+            self.current = {"layer": layer, "head": head, "token": t, "error": error_text(e)}
             self.current_figure = None
             message = self.current["error"]
         if get_ipython() is None:  # plain Python (scripts, tests): nothing to draw into

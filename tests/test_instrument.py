@@ -333,11 +333,11 @@ def test_unknown_probe_lists_the_layer_type_probes(tiny, ids):
 
 
 def test_out_of_range_heads_positions_batch(tiny, ids):
-    with pytest.raises(IndexError, match=r"head 9 is out of range for probe 'layers.0.deltanet.beta', which has 4 heads"):
+    with pytest.raises(IndexError, match=r"head 9 is out of range; valid: 0..3 .*probe 'layers.0.deltanet.beta' has 4 heads"):
         tiny.run(ids, capture="layers.0.deltanet.beta", heads=[9])
-    with pytest.raises(IndexError, match=r"positions 999 is out of range"):
+    with pytest.raises(IndexError, match=r"position 999 is out of range"):
         tiny.run(ids, capture="layers.0.deltanet.beta", positions=[999])
-    with pytest.raises(IndexError, match=r"batch item 3 is out of range"):
+    with pytest.raises(IndexError, match=r"batch 3 is out of range; valid: 0..0 .*the batch has 1 sequences"):
         tiny.run(ids, capture="layers.0.deltanet.beta", batch=[3])
     tr = tiny.run(ids, capture="layers.0.deltanet.state")
     with pytest.raises(IndexError, match=r"position 500 is out of range"):

@@ -25,7 +25,7 @@ def lab():
     return ql.load("tiny", dtype="float32", device="cpu")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def card_yarn(facts) -> tuple[dict, int]:
     """The rope_parameters dict the 9B card gives for 1,010,000 tokens, and that target length."""
     card = facts["yarn"]["card_9b"]

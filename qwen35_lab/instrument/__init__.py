@@ -16,6 +16,7 @@ from .modules import instrument, is_instrumented, uninstrument
 from .probes import READ_ONLY, parse, probe_names, select
 from .session import Session
 from .trace import Trace
+from ..checks import BadIndex, BadValue
 
 __all__ = [
     "Edit", "Session", "Trace", "estimate_capture_bytes", "instrument", "is_instrumented", "patch",
@@ -38,7 +39,7 @@ def plan(config, capture, edits) -> tuple[list[str], dict[str, Edit]]:
         for name in targets:
             kind = parse(name)[1]
             if kind in READ_ONLY:
-                raise ValueError(f"{name!r} is read-only: "
+                raise BadValue(f"{name!r} is read-only: "
                                  + ("edit 'attn.probs' instead of the summary" if kind == "attn.summary"
                                     else "edit the inputs of the conv instead"))
             resolved[name] = as_edit(name, spec)
@@ -81,7 +82,7 @@ def validate_heads(config, names: list[str], heads) -> None:
     for name in names:
         n = counts.get(parse(name)[1])
         if n is not None and any(h >= n or h < -n for h in hs):
-            raise IndexError(f"head {max(hs)} is out of range for probe {name!r}, which has {n} heads (0–{n - 1})")
+            raise BadIndex(f"head {max(hs)} is out of range for probe {name!r}, which has {n} heads (0–{n - 1})")
 
 
 def estimate_capture_bytes(config, names: list[str], *, batch: int, length: int, n_positions: int | None = None,

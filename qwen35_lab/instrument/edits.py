@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from ..checks import BadType, BadValue, check_finite, check_float, check_indices, check_str
 
 __all__ = ["Edit", "replace", "scale", "zero", "patch", "as_edit"]
 
@@ -52,7 +53,7 @@ class Edit:
             new = self.fn(old)
             if not torch.is_tensor(new) or new.shape != old.shape:
                 got = tuple(new.shape) if torch.is_tensor(new) else type(new).__name__
-                raise ValueError(f"the edit function for {name!r} must return a tensor of shape "
+                raise BadValue(f"the edit function for {name!r} must return a tensor of shape "
                                  f"{tuple(old.shape)} (the selected values); it returned {got}")
             return new.to(old.dtype)
         if self.donor is not None:
@@ -62,7 +63,7 @@ class Edit:
             try:
                 return torch.broadcast_to(v, old.shape).clone()
             except RuntimeError:
-                raise ValueError(f"edit tensor of shape {tuple(v.shape)} does not fit probe {name!r}: the selected "
+                raise BadValue(f"edit tensor of shape {tuple(v.shape)} does not fit probe {name!r}: the selected "
                                  f"values have shape {tuple(old.shape)}") from None
         return torch.full_like(old, float(self.value))
 
@@ -74,7 +75,7 @@ class Edit:
         layer, kind = parse(src_name)
         if kind == "deltanet.state":
             if abs_positions is None:
-                raise ValueError(f"patching {name!r} from a trace needs positions=[...]")
+                raise BadValue(f"patching {name!r} from a trace needs positions=[...]")
             src_pos = self.donor_positions or abs_positions
             states = [trace.state(layer, p) for p in src_pos]  # each [B, HV, K, V]
             v = torch.stack(states, 0)  # [P, B, HV, K, V]; the edit applies one position at a time
@@ -89,18 +90,22 @@ class Edit:
         try:
             return torch.broadcast_to(full.to(device=old.device, dtype=old.dtype), old.shape).clone()
         except RuntimeError:
-            raise ValueError(f"cannot patch {name!r}: the donor's {src_name!r} selection has shape "
+            raise BadValue(f"cannot patch {name!r}: the donor's {src_name!r} selection has shape "
                              f"{tuple(full.shape)}, the edited selection {tuple(old.shape)}") from None
 
 
 def replace(value, *, positions=None, heads=None, batch=None) -> Edit:
     """Replace the selected values by a number or a tensor (broadcast)."""
+    if torch.is_tensor(value):
+        check_finite("replace value", value)
+    else:
+        value = check_float("replace value", value)
     return Edit(value=value, positions=positions, heads=heads, batch=batch)
 
 
 def scale(factor: float, *, positions=None, heads=None, batch=None) -> Edit:
     """Multiply the selected values by ``factor`` (``scale(1.0)`` changes nothing)."""
-    return Edit(factor=float(factor), positions=positions, heads=heads, batch=batch)
+    return Edit(factor=check_float("scale factor", factor), positions=positions, heads=heads, batch=batch)
 
 
 def zero(*, positions=None, heads=None, batch=None) -> Edit:
@@ -109,6 +114,10 @@ def zero(*, positions=None, heads=None, batch=None) -> Edit:
 
 def patch(trace, name: str | None = None, *, positions=None, donor_positions=None, heads=None, batch=None) -> Edit:
     """Take the values from ``trace`` (same probe, or ``name``) at ``donor_positions`` (default: the same)."""
+    if name is not None:
+        check_str("name", name)
+    positions = check_indices("positions", positions, None) if not isinstance(positions, slice) else positions
+    donor_positions = check_indices("donor_positions", donor_positions, None)
     return Edit(donor=trace, donor_name=name, positions=positions, donor_positions=donor_positions,
                 heads=heads, batch=batch)
 
@@ -122,5 +131,5 @@ def as_edit(name: str, spec) -> Edit:
         return Edit(value=spec)
     if callable(spec):
         return Edit(fn=spec)
-    raise TypeError(f"edit for {name!r} must be a number, a tensor, a function or an Edit "
+    raise BadType(f"edit for {name!r} must be a number, a tensor, a function or an Edit "
                     f"(ql.replace / ql.scale / ql.zero / ql.patch); got {type(spec).__name__}")

@@ -85,12 +85,15 @@ class MemoryVector:
 _NOUN = {"k": "key", "q": "query", "v": "value"}
 
 
-def _state_inputs(trace, layer: int, what: str) -> dict[str, torch.Tensor]:
-    from .trace import Trace
-
-    if not isinstance(trace, Trace):
+def _require_trace(trace) -> None:
+    """A Trace, recognised by what it holds: memory.py sits below trace.py and does not import it."""
+    if not (hasattr(trace, "_states") and callable(getattr(trace, "state", None))):
         raise BadType(f"expected a Trace (from lab.run(..., capture='layers.i.deltanet.state')), "
                       f"got {type(trace).__name__}")
+
+
+def _state_inputs(trace, layer: int, what: str) -> dict[str, torch.Tensor]:
+    _require_trace(trace)
     check_int("layer", layer, lo=0)
     if layer not in trace._states:
         have = sorted(trace._states)
@@ -137,11 +140,7 @@ def value_from(trace, position, *, layer: int | None = None) -> MemoryVector:
 
 
 def _check_trace_positions(trace, position) -> None:
-    from .trace import Trace
-
-    if not isinstance(trace, Trace):
-        raise BadType(f"expected a Trace (from lab.run(..., capture='layers.i.deltanet.state')), "
-                      f"got {type(trace).__name__}")
+    _require_trace(trace)
     if not trace._states:
         raise BadValue("this trace holds no DeltaNet state: run with capture='layers.i.deltanet.state' "
                        "for the layer(s) whose keys / values you want")

@@ -23,6 +23,7 @@ from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
 
 from .. import ops
 from ..ops import attention as attention_ops
+from ..checks import BadType
 
 __all__ = ["instrument", "uninstrument", "is_instrumented", "Hub"]
 
@@ -376,7 +377,7 @@ def instrument(model) -> Hub:
             _swap(hub, module, _SWAPS[cls])
             found += 1
     if not found:
-        raise TypeError(f"{type(model).__name__} has no Qwen3.5 layers to instrument; instrument() takes a "
+        raise BadType(f"{type(model).__name__} has no Qwen3.5 layers to instrument; instrument() takes a "
                         "Qwen3_5ForConditionalGeneration or Qwen3_5ForCausalLM")
     model.__dict__["_ql_hub"] = hub
 

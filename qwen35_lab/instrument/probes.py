@@ -47,7 +47,9 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+
+from ..checks import BadType, BadValue, check_indices
 
 __all__ = ["DELTANET_PROBES", "ATTN_PROBES", "LAYER_PROBES", "LAYOUTS", "probe_names", "select", "parse"]
 
@@ -134,46 +136,37 @@ def select(pattern, valid: list[str], layer_types: list[str]) -> list[str]:
         return []
     if callable(pattern):
         chosen = {n for n in valid if pattern(n)}
+        if not chosen:
+            raise BadValue(f"the capture filter {getattr(pattern, '__name__', pattern)!r} selects no probe of this "
+                           "model; list them with lab.probe_names()")
     else:
+        if not isinstance(pattern, (str, list, tuple, set, frozenset)):
+            raise BadType(f"a probe selection is a name or glob, a list of them, or a callable name -> bool; "
+                          f"got {pattern!r} ({type(pattern).__name__})")
         items = [pattern] if isinstance(pattern, str) else list(pattern)
+        if not items:
+            raise BadValue("the probe selection is an empty list: it selects nothing; give names or globs "
+                           "(lab.probe_names() lists them), or None to capture nothing")
         chosen = set()
         for item in items:
             if not isinstance(item, str):
-                raise TypeError(f"probe patterns are strings, lists of strings or callables; got {item!r}")
+                raise BadType(f"probe patterns are strings, lists of strings or callables; got {item!r}")
             if any(c in item for c in "*?["):
                 hits = fnmatch.filter(valid, item)
                 if not hits:
-                    raise ValueError(f"probe pattern {item!r} matches no probe; list them with lab.probe_names()")
+                    raise BadValue(f"probe pattern {item!r} matches no probe; list them with lab.probe_names()")
                 chosen.update(hits)
             elif item in valid:
                 chosen.add(item)
             else:
-                raise ValueError(_explain_unknown(item, valid, layer_types))
+                raise BadValue(_explain_unknown(item, valid, layer_types))
     return [n for n in valid if n in chosen]
 
 
 def as_index_list(value, size: int, what: str) -> list[int] | None:
-    """Normalise ``positions`` / ``heads`` / ``batch`` selections to a sorted list of ints (None = all)."""
-    if value is None:
-        return None
-    if isinstance(value, slice):
-        return list(range(size))[value]
-    if isinstance(value, int):
-        value = [value]
-    if isinstance(value, range):
-        value = list(value)
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if not isinstance(value, Iterable):
-        raise TypeError(f"{what} must be an int, a list of ints, a range or a slice; got {value!r}")
-    out = []
-    for v in value:
-        if not isinstance(v, int) or isinstance(v, bool):
-            raise TypeError(f"{what} must contain ints, got {v!r}")
-        if size is not None and not (-size <= v < size):
-            raise IndexError(f"{what} {v} is out of range: valid {what} are 0–{size - 1}")
-        out.append(v % size if size is not None else v)
-    return sorted(set(out))
+    """Normalise ``positions`` / ``heads`` / ``batch`` selections to a sorted list of ints (None = all);
+    an empty selection is refused (it would select nothing)."""
+    return check_indices(what, value, size)
 
 
 Pattern = str | list[str] | Callable[[str], bool]

@@ -17,6 +17,7 @@ import torch
 
 from .edits import Edit
 from .probes import as_index_list, layout, parse
+from ..checks import BadIndex
 
 __all__ = ["Session", "StateRecord"]
 
@@ -140,11 +141,11 @@ class Session:
             n = x.shape[lay.index("H")]
             bad = [h for h in heads if h >= n]
             if bad:
-                raise IndexError(f"head {bad[0]} is out of range for probe {name!r}, which has {n} heads (0–{n - 1})")
+                raise BadIndex(f"head {bad[0]} is out of range for probe {name!r}, which has {n} heads (0–{n - 1})")
         if batch is not None:
             bad = [b for b in batch if b >= x.shape[0]]
             if bad:
-                raise IndexError(f"batch item {bad[0]} is out of range: the batch has {x.shape[0]} items")
+                raise BadIndex(f"batch item {bad[0]} is out of range: the batch has {x.shape[0]} items")
         return lay, sel
 
     # ------------------------------------------------------------ points
@@ -269,7 +270,7 @@ class Session:
         batch = None if edit.batch is None else as_index_list(edit.batch, None, "batch")
         lay, sel = "BH", {"B": batch, "H": heads}
         if heads is not None and max(heads) >= state.shape[1]:
-            raise IndexError(f"head {max(heads)} is out of range for {name!r}, which has {state.shape[1]} value heads")
+            raise BadIndex(f"head {max(heads)} is out of range for {name!r}, which has {state.shape[1]} value heads")
         idx = _ix(lay, state.shape, sel, state.device)
         old = state if idx is None else state[idx]
         abs_pos = self.offset + rel_position

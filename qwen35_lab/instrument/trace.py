@@ -15,8 +15,11 @@ from pathlib import Path
 
 import torch
 
-from .._io import atomic_directory
 from .. import ops
+from .._io import atomic_directory
+from ..checkpoint_files import check_safetensors
+from ..checks import (BadIndex, BadType, BadValue, MissingFile, NotCaptured, OverBudget, check_int, check_path,
+                      check_writable_target)
 from . import memory as _memory
 from .probes import layout, parse
 
@@ -72,20 +75,22 @@ class Trace:
         return name in self.names
 
     def __getitem__(self, name: str):
+        if not isinstance(name, str):
+            raise BadType(f"a trace is indexed by probe name (str), e.g. trace['layers.0.deltanet.beta']; got {name!r}")
         if name in self._tensors:
             return self._tensors[name]
         if name.endswith(".summary") and any(k.startswith(name + ".") for k in self._tensors):
             return {k[len(name) + 1:]: v for k, v in self._tensors.items() if k.startswith(name + ".")}
         layer, kind = parse(name)
         if kind == "deltanet.state" and layer in self._states:
-            raise KeyError(f"{name!r} is stored as checkpoints: use trace.state({layer}, t) for S_t, "
+            raise NotCaptured(f"{name!r} is stored as checkpoints: use trace.state({layer}, t) for S_t, "
                            f"or trace.states({layer}) for every position")
-        raise KeyError(f"{name!r} was not captured; captured: {', '.join(self.names) or 'nothing'}")
+        raise NotCaptured(f"{name!r} was not captured; captured: {', '.join(self.names) or 'nothing'}")
 
     def positions(self, name: str) -> list[int]:
         """Absolute token positions along the T axis of a captured probe."""
         if name not in self._positions:
-            raise KeyError(f"{name!r} has no position axis or was not captured")
+            raise NotCaptured(f"{name!r} has no position axis or was not captured")
         return self._positions[name]
 
     def position_index(self, name: str, absolute: list[int]) -> torch.Tensor:
@@ -94,7 +99,7 @@ class Trace:
         lookup = {p: i for i, p in enumerate(have)}
         missing = [p for p in absolute if p not in lookup]
         if missing:
-            raise IndexError(f"position {missing[0]} was not captured for {name!r}; captured positions: "
+            raise BadIndex(f"position {missing[0]} was not captured for {name!r}; captured positions: "
                              f"{_ranges(have)}")
         return torch.tensor([lookup[p] for p in absolute])
 
@@ -119,9 +124,10 @@ class Trace:
 
     # ------------------------------------------------------------- states
     def _state_layer(self, layer: int) -> dict:
+        check_int("layer", layer)
         if layer not in self._states:
             have = sorted(self._states)
-            raise KeyError(f"the DeltaNet state of layer {layer} was not captured (add "
+            raise NotCaptured(f"the DeltaNet state of layer {layer} was not captured (add "
                            f"'layers.{layer}.deltanet.state' to capture); captured state layers: {have or 'none'}")
         return self._states[layer]
 
@@ -133,8 +139,9 @@ class Trace:
         """
         rec = self._state_layer(layer)
         final_pos, final = rec["final"]
-        if not isinstance(t, int) or not (0 <= t < final_pos):
-            raise IndexError(f"position {t!r} is out of range for layer {layer}'s state: valid 0–{final_pos - 1}")
+        check_int("t", t)
+        if not 0 <= t < final_pos:
+            raise BadIndex(f"position {t!r} is out of range for layer {layer}'s state: valid 0–{final_pos - 1}")
         target = t + 1  # S_t is the state before token t + 1
         if target == final_pos:
             return final.clone()
@@ -157,7 +164,7 @@ class Trace:
         need = len(positions) * final.numel() * 4
         budget = budget_bytes if budget_bytes is not None else _default_budget()
         if need > budget:
-            raise MemoryError(f"{len(positions)} states of layer {layer} need {need / 1e9:.2f} GB, over the budget of "
+            raise OverBudget(f"{len(positions)} states of layer {layer} need {need / 1e9:.2f} GB, over the budget of "
                               f"{budget / 1e9:.2f} GB; ask for fewer positions (trace.states({layer}, positions=...)) "
                               "or use trace.state(layer, t) one at a time")
         return torch.stack([self.state(layer, t) for t in positions], dim=1)
@@ -210,7 +217,7 @@ class Trace:
         """Token slice of input segment ``index`` (see ``meta["segments"]``)."""
         segs = self.meta.get("segments") or []
         if not (0 <= index < len(segs)):
-            raise IndexError(f"segment {index} out of range: the trace has {len(segs)} segments")
+            raise BadIndex(f"segment {index} out of range: the trace has {len(segs)} segments")
         return slice(segs[index]["start"], segs[index]["end"])
 
     # ------------------------------------------------------------- saving
@@ -240,7 +247,7 @@ class Trace:
         doc = {"format": "qwen35_lab.trace", "version": FORMAT_VERSION, "chunk_size": self.chunk_size,
                "positions": self._positions, "states": states_meta, "meta": meta_json,
                "tensors": sorted(flat)}
-        path = Path(path)
+        path = check_writable_target("path", path, directory=True)
         with atomic_directory(path) as tmp:
             save_file(flat, str(tmp / "trace.safetensors"))
             (tmp / "trace.json").write_text(json.dumps(doc, indent=1))
@@ -248,28 +255,36 @@ class Trace:
 
     @classmethod
     def load(cls, path: str | Path) -> Trace:
+        """A trace written by :meth:`save`; a file of another format version, a document with missing
+        or mistyped fields, or tensors it lists but does not hold are refused by name."""
         from safetensors.torch import load_file
 
-        from ..loading import check_safetensors
-
-        path = Path(path)
+        path = check_path("path", path)
         if not path.is_dir():
-            raise FileNotFoundError(f"no trace directory {str(path)!r} (Trace.save writes a directory)")
+            raise MissingFile(f"no trace directory {str(path)!r} (Trace.save writes a directory)")
         jf, tf = path / "trace.json", path / "trace.safetensors"
         for f in (jf, tf):
             if not f.is_file():
-                raise FileNotFoundError(f"{str(path)!r} is not a complete trace: {f.name} is missing")
+                raise MissingFile(f"{str(path)!r} is not a complete trace: {f.name} is missing")
         try:
             doc = json.loads(jf.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"corrupt trace {str(path)!r}: trace.json is not valid JSON ({e})") from None
-        if doc.get("format") != "qwen35_lab.trace":
-            raise ValueError(f"{str(jf)!r} is not a qwen35_lab trace")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadValue(f"corrupt trace {str(path)!r}: trace.json is not valid JSON ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != "qwen35_lab.trace":
+            raise BadValue(f"{str(jf)!r} is not a qwen35_lab trace (no \"format\": \"qwen35_lab.trace\")")
+        if doc.get("version") != FORMAT_VERSION:
+            raise BadValue(f"{str(jf)!r} is a trace of format version {doc.get('version')!r}; this qwen35_lab reads "
+                           f"version {FORMAT_VERSION} — load it with the qwen35_lab that wrote it")
+        _check_doc(jf, doc)
         check_safetensors(tf)
         flat = load_file(str(tf))
         missing = set(doc["tensors"]) - set(flat)
+        needed = {f"state/{layer}/ckpt/{p}" for layer, sm in doc["states"].items() for p in sm["checkpoints"]}
+        needed |= {f"state/{layer}/final" for layer in doc["states"]}
+        missing |= needed - set(flat)
         if missing:
-            raise ValueError(f"corrupt trace {str(path)!r}: tensors missing: {sorted(missing)[:3]}")
+            raise BadValue(f"corrupt trace {str(path)!r}: trace.json lists tensors that trace.safetensors does not "
+                           f"hold: {sorted(missing)[:3]}{' …' if len(missing) > 3 else ''}")
         tensors = {k[len("probe/"):]: v for k, v in flat.items() if k.startswith("probe/")}
         meta = dict(doc["meta"])
         meta.update({k[len("meta/"):]: v for k, v in flat.items() if k.startswith("meta/")})
@@ -302,6 +317,27 @@ class Trace:
         if len(self.names) > 40:
             lines.append(f"  … {len(self.names) - 40} more")
         return "\n".join(lines)
+
+
+def _check_doc(jf: Path, doc: dict) -> None:
+    """Every field ``load`` reads, with its type, before any tensor is read."""
+    def bad(field: str, want: str):
+        return BadValue(f"corrupt trace {str(jf)!r}: field {field!r} should be {want}, got {doc.get(field)!r}"[:400])
+
+    for field, kind, want in (("chunk_size", int, "a positive int"), ("positions", dict, "an object"),
+                              ("states", dict, "an object"), ("meta", dict, "an object"),
+                              ("tensors", list, "a list of names")):
+        if not isinstance(doc.get(field), kind) or isinstance(doc.get(field), bool):
+            raise bad(field, want)
+    if doc["chunk_size"] < 1 or not all(isinstance(t, str) for t in doc["tensors"]):
+        raise bad("chunk_size" if doc["chunk_size"] < 1 else "tensors", "a positive int / a list of names")
+    for layer, sm in doc["states"].items():
+        ok = (layer.isdigit() and isinstance(sm, dict) and isinstance(sm.get("final_position"), int)
+              and isinstance(sm.get("checkpoints"), list) and all(isinstance(c, int) for c in sm["checkpoints"]))
+        if not ok:
+            raise bad("states", "{layer: {'final_position': int, 'checkpoints': [ints]}}")
+    if not all(isinstance(v, list) and all(isinstance(i, int) for i in v) for v in doc["positions"].values()):
+        raise bad("positions", "{probe name: [ints]}")
 
 
 def _concat(name: str, parts: list[torch.Tensor]) -> torch.Tensor:

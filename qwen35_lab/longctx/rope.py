@@ -23,6 +23,7 @@ import math
 from numbers import Integral, Real
 
 import torch
+from ..checks import BadType, BadValue
 
 __all__ = [
     "ROPE_TYPES",
@@ -63,10 +64,10 @@ def text_config_of(obj):
         return obj.text_config  # a Lab
     config = getattr(obj, "config", obj) if isinstance(obj, torch.nn.Module) else obj
     if not hasattr(config, "get_text_config"):
-        raise TypeError(f"expected a Lab, a Qwen3.5 model or its config, got {type(obj).__name__}")
+        raise BadType(f"expected a Lab, a Qwen3.5 model or its config, got {type(obj).__name__}")
     text = config.get_text_config()
     if not hasattr(text, "rope_parameters") or not hasattr(text, "layer_types"):
-        raise TypeError(f"{type(text).__name__} is not a Qwen3.5 text config (no rope_parameters / layer_types)")
+        raise BadType(f"{type(text).__name__} is not a Qwen3.5 text config (no rope_parameters / layer_types)")
     return text
 
 
@@ -114,9 +115,9 @@ def yarn_for_context(target: int, original: int = NATIVE_CONTEXT, *, like=None) 
     """
     for name, value in (("target", target), ("original", original)):
         if not _is_int(value) or value < 1:
-            raise ValueError(f"{name} must be a positive number of tokens (int), got {value!r}")
+            raise BadValue(f"{name} must be a positive number of tokens (int), got {value!r}")
     if target <= original:
-        raise ValueError(
+        raise BadValue(
             f"target={_fmt(target)} tokens fits in the original context of {_fmt(original)} tokens: YaRN is not "
             f"needed (and static YaRN slightly changes short-input behaviour). Use it only for targets above "
             f"{_fmt(original)}, e.g. yarn_for_context(1_010_000) for the cards' 1,010,000 tokens.")
@@ -146,59 +147,66 @@ def _validate(rope, text_config) -> dict:
     if rope is None:
         rope = {"rope_type": "default"}
     if not isinstance(rope, dict):
-        raise TypeError(f"rope must be a dict of rope_parameters (e.g. yarn_for_context(1_010_000)) or None "
+        raise BadType(f"rope must be a dict of rope_parameters (e.g. yarn_for_context(1_010_000)) or None "
                         f"for the default RoPE, got {type(rope).__name__}")
     if "type" in rope:
-        raise ValueError("rope has a 'type' field: write 'rope_type' (the transformers 5 name), e.g. "
+        raise BadValue("rope has a 'type' field: write 'rope_type' (the transformers 5 name), e.g. "
                          "{'rope_type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 262144}")
     unknown = sorted(set(rope) - set(VALID_KEYS))
     if unknown:
-        raise ValueError(f"unknown rope_parameters field(s) {unknown}; valid fields: {', '.join(VALID_KEYS)}")
+        raise BadValue(f"unknown rope_parameters field(s) {unknown}; valid fields: {', '.join(VALID_KEYS)}")
     rope_type = rope.get("rope_type", text_config.rope_parameters.get("rope_type", "default"))
     if rope_type not in ROPE_TYPES:
-        raise ValueError(f"unknown rope_type {rope_type!r}; valid: {', '.join(map(repr, ROPE_TYPES))} "
+        raise BadValue(f"unknown rope_type {rope_type!r}; valid: {', '.join(map(repr, ROPE_TYPES))} "
                          f"(transformers' ROPE_INIT_FUNCTIONS plus 'default')")
     merged = _merge(text_config.rope_parameters, rope)
+    if rope_type == "default":
+        extra = sorted(k for k in rope if k in SCALING_KEYS)
+        if extra:
+            raise BadValue(f"rope_type 'default' takes no scaling field, got {extra}; give a scaling rope_type "
+                           f"({', '.join(repr(t) for t in ROPE_TYPES if t != 'default')}) to use them")
+        for k in SCALING_KEYS:  # back to plain RoPE: nothing of an earlier scaling stays behind
+            merged.pop(k, None)
 
     theta = merged.get("rope_theta")
     if not _is_number(theta) or theta <= 1:
-        raise ValueError(f"rope_theta must be a number > 1 (the released models use 10000000), got {theta!r}")
+        raise BadValue(f"rope_theta must be a number > 1 (the released models use 10000000), got {theta!r}")
     prf = merged.get("partial_rotary_factor", 1.0)
     if not _is_number(prf) or not 0 < prf <= 1:
-        raise ValueError(f"partial_rotary_factor must be in (0, 1] (the released models use 0.25), got {prf!r}")
+        raise BadValue(f"partial_rotary_factor must be in (0, 1] (the released models use 0.25), got {prf!r}")
     dim = rotary_dim(text_config, merged)
     if dim < 2 or dim % 2:
-        raise ValueError(f"partial_rotary_factor={prf} gives {dim} rotary dims of head_dim "
+        raise BadValue(f"partial_rotary_factor={prf} gives {dim} rotary dims of head_dim "
                          f"{text_config.head_dim}; it must give a positive even number")
     if "mrope_section" in rope:
         sec = rope["mrope_section"]
         if (not isinstance(sec, (list, tuple)) or len(sec) != 3 or not all(_is_int(s) and s >= 0 for s in sec)
                 or sum(sec) != dim // 2):
-            raise ValueError(f"mrope_section must be 3 non-negative ints (T, H, W) summing to the {dim // 2} "
+            raise BadValue(f"mrope_section must be 3 non-negative ints (T, H, W) summing to the {dim // 2} "
                              f"rotary frequencies, got {sec!r} (the released models: [11, 11, 10] of 32)")
     if "mrope_interleaved" in merged and not isinstance(merged["mrope_interleaved"], bool):
-        raise ValueError(f"mrope_interleaved must be True or False, got {merged['mrope_interleaved']!r}")
+        raise BadValue(f"mrope_interleaved must be True or False, got {merged['mrope_interleaved']!r}")
 
     if rope_type != "default":
         factor = merged.get("factor")
         if factor is None:
-            raise ValueError(f"rope_type {rope_type!r} needs a 'factor' (how many times the original context "
+            raise BadValue(f"rope_type {rope_type!r} needs a 'factor' (how many times the original context "
                              f"to reach), e.g. yarn_for_context(target) computes it")
         if not _is_number(factor) or factor <= 1:
-            raise ValueError(f"factor must be a number > 1, got {factor!r}: a factor of 1 scales nothing "
+            raise BadValue(f"factor must be a number > 1, got {factor!r}: a factor of 1 scales nothing "
                              f"(use {{'rope_type': 'default'}}), below 1 it would shrink the context")
     if rope_type in ("yarn", "longrope", "llama3"):
         original = merged.get("original_max_position_embeddings")
         if original is None:
-            raise ValueError(f"rope_type {rope_type!r} needs 'original_max_position_embeddings', the context the "
+            raise BadValue(f"rope_type {rope_type!r} needs 'original_max_position_embeddings', the context the "
                              f"model was trained for (262144 for the released models)")
         if not _is_int(original) or original < 1:
-            raise ValueError(f"original_max_position_embeddings must be a positive int, got {original!r}")
+            raise BadValue(f"original_max_position_embeddings must be a positive int, got {original!r}")
     for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
         if key in merged and merged[key] is not None and (not _is_number(merged[key]) or merged[key] <= 0):
-            raise ValueError(f"{key} must be a positive number, got {merged[key]!r}")
+            raise BadValue(f"{key} must be a positive number, got {merged[key]!r}")
     if rope_type == "yarn" and merged.get("beta_fast", 32) <= merged.get("beta_slow", 1):
-        raise ValueError(f"beta_fast ({merged.get('beta_fast', 32)}) must be greater than beta_slow "
+        raise BadValue(f"beta_fast ({merged.get('beta_fast', 32)}) must be greater than beta_slow "
                          f"({merged.get('beta_slow', 1)}): frequencies with more than beta_fast turns in the "
                          f"original context are kept, fewer than beta_slow are interpolated")
 
@@ -209,7 +217,7 @@ def _validate(rope, text_config) -> dict:
     try:
         _hf_inv_freq(trial)
     except Exception as e:  # noqa: BLE001 - re-raised with the parameters named
-        raise ValueError(f"transformers cannot build rope_type {rope_type!r} from {merged}: "
+        raise BadValue(f"transformers cannot build rope_type {rope_type!r} from {merged}: "
                          f"{type(e).__name__}: {e}") from None
     return merged
 
@@ -251,7 +259,7 @@ def _rotary_modules(model) -> list[tuple[str, torch.nn.Module]]:
     found = [(n, m) for n, m in model.named_modules()
              if n.endswith("rotary_emb") and "visual" not in n and hasattr(m, "inv_freq")]
     if not found:
-        raise TypeError(f"{type(model).__name__} has no text rotary embedding (model.language_model.rotary_emb "
+        raise BadType(f"{type(model).__name__} has no text rotary embedding (model.language_model.rotary_emb "
                         f"or model.rotary_emb); set_rope takes a Qwen3.5 Lab")
     return found
 
@@ -269,7 +277,7 @@ def set_rope(lab, rope: dict | None) -> "RopeInfo":
     Returns :func:`rope_info` of the result.
     """
     if not hasattr(lab, "model"):
-        raise TypeError(f"set_rope takes a Lab (qwen35_lab.load(...)), got {type(lab).__name__}")
+        raise BadType(f"set_rope takes a Lab (qwen35_lab.load(...)), got {type(lab).__name__}")
     text = text_config_of(lab.model)
     modules = _rotary_modules(lab.model)
     merged = _validate(rope, text)  # raises before anything changes
@@ -301,7 +309,7 @@ def max_context(obj) -> int:
 def check_context(obj, n_tokens: int) -> None:
     """Raise ``ValueError`` if ``n_tokens`` exceed what the active RoPE allows, saying how to enable YaRN."""
     if not _is_int(n_tokens) or n_tokens < 1:
-        raise ValueError(f"n_tokens must be a positive int, got {n_tokens!r}")
+        raise BadValue(f"n_tokens must be a positive int, got {n_tokens!r}")
     limit = max_context(obj)
     if n_tokens <= limit:
         return
@@ -311,11 +319,11 @@ def check_context(obj, n_tokens: int) -> None:
     native = params.get("original_max_position_embeddings") or text.max_position_embeddings
     factor = float(math.ceil(n_tokens / native))
     if rope_type == "default":
-        raise ValueError(
+        raise BadValue(
             f"{_fmt(n_tokens)} tokens exceed the model's native context of {_fmt(limit)} (rope_type 'default'). "
             f"Enable YaRN first: set_rope(lab, yarn_for_context({n_tokens}, {native})) (factor {factor}), "
             f"or load(..., rope=yarn_for_context({n_tokens}, {native})).")
-    raise ValueError(
+    raise BadValue(
         f"{_fmt(n_tokens)} tokens exceed the {_fmt(limit)} that rope_type {rope_type!r} with factor "
         f"{params.get('factor')} allows; use set_rope(lab, yarn_for_context({n_tokens}, {native})) (factor {factor}).")
 

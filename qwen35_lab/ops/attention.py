@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from .gated_delta import _check_index_list, _check_tensor
+from ..checks import BadType, BadValue
 
 __all__ = ["attention_probs_rows", "attention_summaries", "causal_attention_with_summaries"]
 
@@ -27,37 +28,37 @@ def _check_attention_inputs(q, k, key_padding_mask, scaling):
     B, Hq, T, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     if k.shape[0] != B or k.shape[3] != D:
-        raise ValueError(
+        raise BadValue(
             f"k has shape {tuple(k.shape)}, expected [B, Hkv, Tk, D] with B = {B} and D = {D} like q "
             f"(shape {tuple(q.shape)})"
         )
     if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(
+        raise BadValue(
             f"the number of query heads Hq = {Hq} (q shape {tuple(q.shape)}) must be a multiple of the "
             f"number of key heads Hkv = {Hkv} (k shape {tuple(k.shape)})"
         )
     if T < 1 or T > Tk:
-        raise ValueError(
+        raise BadValue(
             f"q has T = {T} query positions and k has Tk = {Tk} keys; the queries are the last T of the "
             f"Tk positions, so 1 <= T <= Tk is required"
         )
     if q.device != k.device:
-        raise ValueError(f"q and k must be on one device, got {q.device} and {k.device}")
+        raise BadValue(f"q and k must be on one device, got {q.device} and {k.device}")
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
-            raise TypeError(
+            raise BadType(
                 f"key_padding_mask must be a torch.Tensor of shape [B, Tk] = {(B, Tk)}, "
                 f"got {type(key_padding_mask).__name__}"
             )
         if tuple(key_padding_mask.shape) != (B, Tk):
-            raise ValueError(
+            raise BadValue(
                 f"key_padding_mask has shape {tuple(key_padding_mask.shape)}, expected [B, Tk] = {(B, Tk)} "
                 f"(1 = keep the key, 0 = padding)"
             )
     if scaling is None:
         scaling = D**-0.5
     elif isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or not scaling > 0:
-        raise ValueError(f"scaling must be a positive number or None (= D ** -0.5), got {scaling!r}")
+        raise BadValue(f"scaling must be a positive number or None (= D ** -0.5), got {scaling!r}")
     return B, Hq, T, Hkv, Tk, D, float(scaling)
 
 

@@ -22,6 +22,7 @@ import os
 from collections.abc import Callable
 
 import torch
+from ..checks import BadValue
 
 __all__ = ["ENV", "MODES", "UnsupportedByKernel", "backend_for", "dispatched", "interpreting", "mode"]
 
@@ -39,7 +40,7 @@ def mode() -> str:
     raw = os.environ.get(ENV, "auto")
     value = raw.strip().lower() or "auto"
     if value not in MODES:
-        raise ValueError(f"{ENV}={raw!r} is not a valid choice; use one of {', '.join(MODES)} (default auto)")
+        raise BadValue(f"{ENV}={raw!r} is not a valid choice; use one of {', '.join(MODES)} (default auto)")
     return value
 
 

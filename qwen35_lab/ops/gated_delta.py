@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from ..checks import BadType, BadValue
 
 __all__ = [
     "chunk_gated_delta_rule",
@@ -46,16 +47,16 @@ L2NORM_EPS = 1e-6
 
 def _check_tensor(name: str, x, rank: int, layout: str) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
+        raise BadType(f"{name} must be a torch.Tensor of shape {layout}, got {type(x).__name__}")
     if x.dim() != rank:
-        raise ValueError(f"{name} must have shape {layout} ({rank} dims), got shape {tuple(x.shape)}")
+        raise BadValue(f"{name} must have shape {layout} ({rank} dims), got shape {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        raise BadType(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
 
 
 def _check_shape(name: str, x: torch.Tensor, expected: tuple[int, ...], layout: str) -> None:
     if tuple(x.shape) != tuple(expected):
-        raise ValueError(
+        raise BadValue(
             f"{name} has shape {tuple(x.shape)}, expected {layout} = {tuple(expected)}"
         )
 
@@ -64,12 +65,12 @@ def _check_scale(scale) -> None:
     if scale is not None and (
         isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0
     ):
-        raise ValueError(f"scale must be a positive number or None (= K ** -0.5), got {scale!r}")
+        raise BadValue(f"scale must be a positive number or None (= K ** -0.5), got {scale!r}")
 
 
 def _check_chunk_size(chunk_size) -> None:
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
+        raise BadValue(f"chunk_size must be an int >= 1, got {chunk_size!r}")
 
 
 def _check_sequence_inputs(q, k, v, g, beta, initial_state=None) -> tuple[int, int, int, int, int, int]:
@@ -88,17 +89,17 @@ def _check_sequence_inputs(q, k, v, g, beta, initial_state=None) -> tuple[int, i
     if q is not None:
         _check_shape("q", q, (B, T, H, K), "[B, T, H, K] like k")
     if T < 1:
-        raise ValueError(f"the sequence must have at least one token, got T = {T} (k shape {tuple(k.shape)})")
+        raise BadValue(f"the sequence must have at least one token, got T = {T} (k shape {tuple(k.shape)})")
     if v is not None:
         HV, V = v.shape[2], v.shape[3]
         if v.shape[:2] != (B, T):
-            raise ValueError(f"v has shape {tuple(v.shape)}, expected [B, T, HV, V] with B, T = {B}, {T} like k")
+            raise BadValue(f"v has shape {tuple(v.shape)}, expected [B, T, HV, V] with B, T = {B}, {T} like k")
         what = f"v shape {tuple(v.shape)}"
     else:
         HV, V = g.shape[2], None
         what = f"g shape {tuple(g.shape)}"
     if HV % H != 0:
-        raise ValueError(
+        raise BadValue(
             f"the number of value heads HV = {HV} ({what}) must be a multiple of the "
             f"number of key heads H = {H} (k shape {tuple(k.shape)})"
         )
@@ -110,7 +111,7 @@ def _check_sequence_inputs(q, k, v, g, beta, initial_state=None) -> tuple[int, i
     tensors = [x for x in (q, k, v, g, beta, initial_state) if x is not None]
     devices = {x.device for x in tensors}
     if len(devices) > 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+        raise BadValue(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
     return B, T, H, HV, K, V
 
 
@@ -120,21 +121,21 @@ def _check_index_list(name: str, values, size: int, what: str) -> list[int]:
         return list(range(size))
     if isinstance(values, torch.Tensor):
         if values.dim() > 1 or values.is_floating_point():
-            raise ValueError(f"{name} must be a 1-D integer tensor or a list of ints, got {values!r}")
+            raise BadValue(f"{name} must be a 1-D integer tensor or a list of ints, got {values!r}")
         values = values.reshape(-1).tolist()
     elif isinstance(values, int) and not isinstance(values, bool):
         values = [values]
     elif not isinstance(values, Sequence) or isinstance(values, str):
-        raise TypeError(f"{name} must be None, an int or a sequence of ints, got {type(values).__name__}")
+        raise BadType(f"{name} must be None, an int or a sequence of ints, got {type(values).__name__}")
     out = []
     for x in values:
         if isinstance(x, bool) or not isinstance(x, int):
-            raise TypeError(f"{name} must contain ints, got {x!r}")
+            raise BadType(f"{name} must contain ints, got {x!r}")
         if not 0 <= x < size:
-            raise ValueError(f"{name} contains {x}, valid {what} are 0 ... {size - 1}")
+            raise BadValue(f"{name} contains {x}, valid {what} are 0 ... {size - 1}")
         out.append(x)
     if not out:
-        raise ValueError(f"{name} is empty; pass None for all {what}")
+        raise BadValue(f"{name} is empty; pass None for all {what}")
     return out
 
 
@@ -384,9 +385,9 @@ def check_step_inputs(q, k, v, g, beta, state, in_place: bool) -> tuple[int, int
     HV, V = v.shape[1:]
     _check_shape("q", q, (B, H, K), "[B, H, K] like k")
     if v.shape[0] != B:
-        raise ValueError(f"v has shape {tuple(v.shape)}, expected [B, HV, V] with B = {B} like k")
+        raise BadValue(f"v has shape {tuple(v.shape)}, expected [B, HV, V] with B = {B} like k")
     if HV % H != 0:
-        raise ValueError(
+        raise BadValue(
             f"the number of value heads HV = {HV} (v shape {tuple(v.shape)}) must be a multiple of the "
             f"number of key heads H = {H} (k shape {tuple(k.shape)})"
         )
@@ -395,9 +396,9 @@ def check_step_inputs(q, k, v, g, beta, state, in_place: bool) -> tuple[int, int
     _check_shape("state", state, (B, HV, K, V), "[B, HV, K, V]")
     devices = {x.device for x in (q, k, v, g, beta, state)}
     if len(devices) > 1:
-        raise ValueError(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
+        raise BadValue(f"all inputs must be on one device, got {sorted(str(d) for d in devices)}")
     if in_place and state.dtype != torch.float32:
-        raise TypeError(f"an in-place update needs a float32 state, got {state.dtype}; pass in_place=False")
+        raise BadType(f"an in-place update needs a float32 state, got {state.dtype}; pass in_place=False")
     return B, H, HV, K, V
 
 
@@ -479,7 +480,7 @@ def replay_states(
     NT = math.ceil(T / chunk_size)
     _check_tensor("chunk_states", chunk_states, 5, "[B, NT, HV, K, V]")
     if tuple(chunk_states.shape) != (B, NT, HV, K, V):
-        raise ValueError(
+        raise BadValue(
             f"chunk_states has shape {tuple(chunk_states.shape)}, expected [B, NT, HV, K, V] = "
             f"{(B, NT, HV, K, V)} for T = {T} tokens in chunks of chunk_size = {chunk_size}"
         )
@@ -522,7 +523,7 @@ def replay_state(
     Same arguments as ``replay_states`` with a single position ``0 <= t < T``.
     """
     if isinstance(t, bool) or not isinstance(t, int):
-        raise TypeError(f"t must be an int token position, got {t!r}")
+        raise BadType(f"t must be an int token position, got {t!r}")
     return replay_states(
         k, v, g, beta, chunk_states, [t], chunk_size=chunk_size, use_qk_l2norm=use_qk_l2norm
     )[:, 0]
