@@ -64,7 +64,6 @@ FLUSH_SECONDS = 10.0
 
 FORMAT = "qwen35_lab.sweep/1"
 _META_KEY = b"qwen35_lab.sweep"
-_FORMATS = (".parquet", ".arrow")
 _FLOAT, _INT, _BOOL, _STR = Value("float64"), Value("int64"), Value("bool"), Value("string")
 
 #: The columns of every sweep, local or served (None where a value is unknown or a row failed).

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import pandas as pd
 import pytest
