@@ -356,66 +356,67 @@ def process(logits: torch.Tensor, params: SamplingParams, *, prompt_ids=None, ou
 
 # ============================================================================ as HF logits processors
 
-class PenaltiesProcessor(LogitsProcessor):
+class ScoresProcessor(LogitsProcessor):
+    """One of vLLM's per-step transforms as an HF logits processor: ``apply(scores, value)``.
+
+    Every transform has this one shape; the subclasses below only name the function and the value.
+    """
+
+    @staticmethod
+    def apply(scores: torch.Tensor, value) -> torch.Tensor:  # the identity: a subclass names its transform
+        return scores
+
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return type(self).apply(scores, self.value)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.value!r})"
+
+
+class TemperatureProcessor(ScoresProcessor):
+    """``scores / temperature`` (temperature > 0; 0 is greedy decoding, which needs no processor)."""
+
+    apply = staticmethod(apply_temperature)
+
+
+class MinPProcessor(ScoresProcessor):
+    """Drop tokens below ``min_p`` times the top probability."""
+
+    apply = staticmethod(apply_min_p)
+
+
+class TopKProcessor(ScoresProcessor):
+    """Keep the k most likely tokens (ties at the k-th stay)."""
+
+    apply = staticmethod(apply_top_k)
+
+
+class TopPProcessor(ScoresProcessor):
+    """Keep the smallest most-likely set reaching probability ``top_p``."""
+
+    apply = staticmethod(apply_top_p)
+
+
+class PenaltiesProcessor(ScoresProcessor):
     """Repetition (prompt + output), frequency and presence (output only) penalties, as vLLM.
 
     ``prompt_len``: the number of prompt tokens at the start of the ``input_ids`` HF passes in;
-    the tokens after them are the generated ones.
+    the tokens after them are the generated ones. The one transform that also reads the ids.
     """
 
     def __init__(self, prompt_len: int, *, presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0):
+        super().__init__({"presence_penalty": presence_penalty, "frequency_penalty": frequency_penalty,
+                          "repetition_penalty": repetition_penalty})
         self.prompt_len = int(prompt_len)
-        self.presence_penalty = presence_penalty
-        self.frequency_penalty = frequency_penalty
-        self.repetition_penalty = repetition_penalty
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if input_ids.shape[1] < self.prompt_len:
             raise BadValue(f"PenaltiesProcessor was made for a {self.prompt_len}-token prompt but got "
-                             f"{input_ids.shape[1]} tokens; build the processors for this prompt")
-        return apply_penalties(scores, input_ids[:, :self.prompt_len], input_ids[:, self.prompt_len:],
-                               presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-                               repetition_penalty=self.repetition_penalty)
-
-
-class TemperatureProcessor(LogitsProcessor):
-    """``scores / temperature`` (temperature > 0; 0 is greedy decoding, which needs no processor)."""
-
-    def __init__(self, temperature: float):
-        self.temperature = temperature
-
-    def __call__(self, input_ids, scores):
-        return apply_temperature(scores, self.temperature)
-
-
-class MinPProcessor(LogitsProcessor):
-    """Drop tokens below ``min_p`` times the top probability."""
-
-    def __init__(self, min_p: float):
-        self.min_p = min_p
-
-    def __call__(self, input_ids, scores):
-        return apply_min_p(scores, self.min_p)
-
-
-class TopKProcessor(LogitsProcessor):
-    """Keep the k most likely tokens (ties at the k-th stay)."""
-
-    def __init__(self, top_k: int):
-        self.top_k = top_k
-
-    def __call__(self, input_ids, scores):
-        return apply_top_k(scores, self.top_k)
-
-
-class TopPProcessor(LogitsProcessor):
-    """Keep the smallest most-likely set reaching probability ``top_p``."""
-
-    def __init__(self, top_p: float):
-        self.top_p = top_p
-
-    def __call__(self, input_ids, scores):
-        return apply_top_p(scores, self.top_p)
+                           f"{input_ids.shape[1]} tokens; build the processors for this prompt")
+        return apply_penalties(scores, input_ids[:, :self.prompt_len], input_ids[:, self.prompt_len:], **self.value)
 
 
 def logits_processors(params: SamplingParams, prompt_len: int) -> LogitsProcessorList:
