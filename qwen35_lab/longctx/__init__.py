@@ -11,6 +11,7 @@
 """
 
 from .analysis import (
+    RopeCheck,
     RopeTable,
     mrope_axes,
     plot_rope_decay,
@@ -19,9 +20,11 @@ from .analysis import (
     rope_table,
     rotated_similarity,
     yarn_attention_factor,
+    verify_rope,
     yarn_inv_freq,
 )
 from .memory import MemoryPlan, check_fits, format_memory_table, memory_table, plan_memory, plot_memory
+from .attention import chunk_attention, chunked_attention
 from .prefill import LongDocument, PrefillResult, chunked_prefill, long_document
 from .rope import (
     ROPE_TYPES,
@@ -38,7 +41,8 @@ __all__ = [
     "ROPE_TYPES", "RopeInfo", "apply_rope_to_config", "check_context", "max_context", "rope_info", "set_rope",
     "yarn_for_context",
     "RopeTable", "mrope_axes", "plot_rope_decay", "plot_rope_frequencies", "rope_frequencies", "rope_table",
-    "rotated_similarity", "yarn_attention_factor", "yarn_inv_freq",
+    "rotated_similarity", "yarn_attention_factor", "yarn_inv_freq", "RopeCheck", "verify_rope",
     "MemoryPlan", "check_fits", "format_memory_table", "memory_table", "plan_memory", "plot_memory",
     "LongDocument", "PrefillResult", "chunked_prefill", "long_document",
+    "chunk_attention", "chunked_attention",
 ]

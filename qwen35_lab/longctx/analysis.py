@@ -32,9 +32,9 @@ import math
 
 import torch
 
-from .rope import _hf_inv_freq, _validate, rotary_dim, text_config_of
+from .rope import RopeInfo, _hf_inv_freq, _validate, rotary_dim, text_config_of
 
-__all__ = ["RopeTable", "mrope_axes", "plot_rope_decay", "plot_rope_frequencies", "rope_frequencies",
+__all__ = ["RopeCheck", "verify_rope", "RopeTable", "mrope_axes", "plot_rope_decay", "plot_rope_frequencies", "rope_frequencies",
            "rope_table", "yarn_attention_factor", "yarn_inv_freq"]
 
 KEEP, RAMP, INTERPOLATE = "keep", "ramp", "interpolate"
@@ -272,3 +272,145 @@ def plot_rope_decay(obj, rope: dict | None = None, max_distance: int | None = No
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+# --------------------------------------------------------------- is the RoPE really applied?
+class RopeCheck(RopeInfo):
+    """What :func:`verify_rope` found (a dict with attribute access and a readable repr); ``.ok`` is the verdict."""
+
+    def __repr__(self) -> str:
+        head = (f"verify_rope: {'OK' if self['ok'] else 'MISMATCH'} — rope_type {self['rope_type']!r} "
+                f"×{self['factor']:g}, {self['rotary_dim']} rotary dims, checked at positions "
+                f"{self['positions'][0]:,}…{self['positions'][-1]:,}")
+        lines = [head,
+                 f"  frequencies: max relative error {self['max_rel_freq_error']:.2e} (reference: {self['reference']})",
+                 f"  attention factor: module {self['module_attention_factor']:.6f}, "
+                 f"expected {self['expected_attention_factor']:.6f}",
+                 f"  cos/sin reaching layer {self['layer']}: max error {self['max_cos_sin_error']:.2e}"]
+        lines += [f"  DIFFERS: {d}" for d in self["differences"]]
+        return "\n".join(lines)
+
+
+def verify_rope(lab, *, positions=None, rtol: float = 1e-5) -> RopeCheck:
+    """Check that the model really rotates by the frequencies and attention factor its config asks for.
+
+    Engines have silently ignored YaRN (and kept the default frequencies); this
+    catches it. Three things are compared with the RoPE computed from its
+    definition in this module (:func:`rope_frequencies`; default, linear and YaRN
+    from their formulas, other types from transformers' own functions):
+
+    1. the text rotary module's ``inv_freq`` ``[rotary_dim / 2]``;
+    2. its ``attention_scaling`` (YaRN's ``0.1 ln s + 1``);
+    3. the ``cos`` / ``sin`` ``[B, T, rotary_dim]`` that actually reach the first
+       full-attention layer in a forward at ``positions`` (default: the last 4
+       positions of the extended context, where scaling matters most), against
+       ``cos(p ω) · a``, ``sin(p ω) · a``.
+
+    Args:
+        lab: a Lab (or anything with ``.model``) of a Qwen3.5 model.
+        positions: absolute positions (ints ≥ 0) to run the check forward at.
+        rtol: relative tolerance of every comparison.
+
+    Returns a :class:`RopeCheck`: ``ok``, ``differences`` (what differs, in words),
+    the numbers compared.
+    """
+    from ..checks import BadType, check_float, check_int
+    from .rope import _rotary_modules, max_context
+
+    if not hasattr(lab, "model") or not isinstance(lab.model, torch.nn.Module):
+        raise BadType(f"verify_rope takes a Lab (qwen35_lab.load(...)), got {type(lab).__name__}")
+    try:
+        rotary = _rotary_modules(lab.model)[0][1]
+    except TypeError as e:
+        raise BadType(f"verify_rope: {e}") from None
+    text = text_config_of(lab.model)
+    full = [i for i, kind in enumerate(text.layer_types) if kind == "full_attention"]
+    if not full:
+        raise BadType(f"verify_rope: the model has no full_attention layer, so nothing applies RoPE "
+                      f"(layer_types {list(text.layer_types)})")
+    rtol = check_float("rtol", rtol, lo=0.0, lo_open=True)
+    limit = max_context(lab.model)
+    if positions is None:
+        positions = list(range(max(0, limit - 4), limit))
+    if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
+        raise BadType(f"positions must be a list of ints, got {positions!r}")
+    positions = [check_int("position", p, lo=0, hi=2**31 - 1) for p in positions]
+    if not positions:
+        raise BadType("positions must not be empty")
+
+    f = rope_frequencies(lab.model)
+    rope_type = f["rope_type"]
+    expected = f["inv_freq"].double()
+    expected_att = float(f["attention_factor"])
+    reference = ("its definition (qwen35_lab.longctx.analysis)" if rope_type in ("default", "linear", "yarn")
+                 else "transformers' ROPE_INIT_FUNCTIONS")
+    differences: list[str] = []
+
+    module_freq = rotary.inv_freq.detach().double().cpu()
+    if module_freq.shape != expected.shape:
+        differences.append(f"the rotary module has {module_freq.numel()} frequencies, the config implies "
+                           f"{expected.numel()} ({f['rotary_dim']} rotary dims)")
+        rel = float("inf")
+    else:
+        rel = float(((module_freq - expected).abs() / expected.abs()).max())
+        if rel > rtol:
+            default = f["inv_freq_default"].double()
+            looks_default = rope_type != "default" and torch.allclose(module_freq, default, rtol=rtol, atol=0)
+            differences.append(
+                f"inv_freq differs from what rope_type {rope_type!r} implies by up to {rel:.2e} (relative)"
+                + ("; it holds the *default* (unscaled) frequencies: the scaling was ignored" if looks_default else ""))
+    module_att = float(getattr(rotary, "attention_scaling", 1.0))
+    if abs(module_att - expected_att) > rtol * expected_att:
+        differences.append(f"attention factor {module_att:.6f} where rope_type {rope_type!r} implies "
+                           f"{expected_att:.6f}")
+
+    # what reaches the attention layer in a real forward
+    attn = lab.model.get_decoder().layers[full[0]].self_attn if hasattr(lab.model, "get_decoder") else None
+    grabbed = {}
+
+    def grab(module, args, kwargs):
+        grabbed["pe"] = kwargs.get("position_embeddings", args[1] if len(args) > 1 else None)
+
+    device = rotary.inv_freq.device
+    ids = torch.zeros(1, len(positions), dtype=torch.long, device=device)
+    pos = torch.tensor([positions], device=device)
+    saved = {k: v.clone() for k, v in rotary.named_buffers(recurse=False)}
+    saved_len = getattr(rotary, "max_seq_len_cached", None)
+    handle = attn.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            lab.model(input_ids=ids, position_ids=pos, use_cache=False)
+    finally:
+        handle.remove()
+        for k, v in saved.items():  # dynamic types change their buffers (and cached length) in the forward
+            setattr(rotary, k, v)
+        if saved_len is not None:
+            rotary.max_seq_len_cached = saved_len
+    cos, sin = (t.detach().double().cpu()[0] for t in grabbed["pe"])  # [T, rotary_dim]
+    applied = expected
+    if rope_type == "dynamic":
+        # dynamic NTK (transformers' definition): for a sequence of n > max_position_embeddings tokens
+        # the base becomes θ · (s · n / L - (s - 1)) ^ (d / (d - 2)), L = max_position_embeddings
+        d, L = f["rotary_dim"], text.max_position_embeddings
+        n = max(max(positions) + 1, L)
+        base = float(text.rope_parameters["rope_theta"]) * (f["factor"] * n / L - (f["factor"] - 1)) ** (d / (d - 2))
+        applied = base ** (-2.0 * torch.arange(d // 2, dtype=torch.float64) / d)
+    angle = torch.tensor(positions, dtype=torch.float64)[:, None] * applied[None, :]  # [T, d/2]
+    want_cos = torch.cat([angle.cos(), angle.cos()], -1) * expected_att
+    want_sin = torch.cat([angle.sin(), angle.sin()], -1) * expected_att
+    if cos.shape != want_cos.shape:
+        differences.append(f"the attention layer receives cos of shape {tuple(cos.shape)}, expected "
+                           f"{tuple(want_cos.shape)}")
+        err = float("inf")
+    else:
+        # fp32 angles at large positions carry ~p·2^-24 rad of rounding: allow it
+        tol = rtol * expected_att + max(positions) * 2.0 ** -23 * expected_att
+        err = float(max((cos - want_cos).abs().max(), (sin - want_sin).abs().max()))
+        if err > tol:
+            differences.append(f"the cos/sin reaching layer {full[0]} differ from cos(pω)·a by up to {err:.3g} "
+                               f"(tolerance {tol:.2g}) at positions {positions[0]}…{positions[-1]}")
+    return RopeCheck(ok=not differences, differences=differences, rope_type=rope_type, factor=f["factor"],
+                     rotary_dim=f["rotary_dim"], reference=reference, positions=positions, layer=full[0],
+                     max_rel_freq_error=rel, module_attention_factor=module_att,
+                     expected_attention_factor=expected_att, max_cos_sin_error=err,
+                     expected_inv_freq=expected.tolist(), module_inv_freq=module_freq.tolist())
