@@ -29,8 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qwen35_lab.ops.attention import _check_attention_inputs
-from qwen35_lab.ops.gated_delta import _check_index_list
+from qwen35_lab.ops.attention import _check_attention_inputs, check_rows_inputs
 
 from ._common import (
     block,
@@ -232,9 +231,7 @@ def attention_probs_rows(
     Returns:
         probs ``[B, len(heads), len(rows), Tk]`` fp32; each row sums to 1 over the keys it sees.
     """
-    B, Hq, T, Hkv, Tk, D, scaling = _check_attention_inputs(q, k, key_padding_mask, scaling)
-    heads = _check_index_list("heads", heads, Hq, f"query heads for Hq = {Hq}")
-    rows = _check_index_list("rows", rows, T, f"query rows for T = {T}")
+    (B, Hq, T, Hkv, Tk, D, scaling), heads, rows = check_rows_inputs(q, k, key_padding_mask, scaling, heads, rows)
     _, q, k, keep, meta = _checked(q, k, key_padding_mask, scaling)
     head_idx = torch.tensor(heads, dtype=torch.int32, device=q.device)
     row_idx = torch.tensor(rows, dtype=torch.int32, device=q.device)

@@ -40,12 +40,7 @@ import triton
 import triton.language as tl
 
 from qwen35_lab.ops.dispatch import UnsupportedByKernel
-from qwen35_lab.ops.gated_delta import (
-    L2NORM_EPS,
-    _check_chunk_size,
-    _check_scale,
-    _check_sequence_inputs,
-)
+from qwen35_lab.ops.gated_delta import L2NORM_EPS, check_chunk_inputs
 
 from ._common import (
     block,
@@ -277,9 +272,7 @@ def chunk_gated_delta_rule(
         ``[B, HV, K, V]`` fp32 or None; chunk_states ``[B, NT, HV, K, V]`` fp32 or None
         (``chunk_states[:, i]`` is the state at the start of chunk ``i``).
     """
-    B, T, H, HV, K, V = _check_sequence_inputs(q, k, v, g, beta, initial_state)
-    _check_chunk_size(chunk_size)
-    _check_scale(scale)
+    B, T, H, HV, K, V = check_chunk_inputs(q, k, v, g, beta, initial_state, chunk_size, scale)
     if chunk_size not in CHUNK_SIZES:
         raise UnsupportedByKernel(
             f"the Triton chunk kernel takes chunk_size {', '.join(map(str, CHUNK_SIZES))}, got {chunk_size}; "

@@ -21,6 +21,16 @@ from ..checks import BadType, BadValue
 __all__ = ["attention_probs_rows", "attention_summaries", "causal_attention_with_summaries"]
 
 
+def check_rows_inputs(q, k, key_padding_mask, scaling, heads, rows):
+    """The argument handling of ``attention_probs_rows``, shared by this reference and the Triton
+    kernel: returns ``((B, Hq, T, Hkv, Tk, D, scaling), heads, rows)`` with the selections as lists."""
+    shapes = _check_attention_inputs(q, k, key_padding_mask, scaling)
+    Hq, T = shapes[1], shapes[2]
+    heads = _check_index_list("heads", heads, Hq, f"query heads for Hq = {Hq}")
+    rows = _check_index_list("rows", rows, T, f"query rows for T = {T}")
+    return shapes, heads, rows
+
+
 def _check_attention_inputs(q, k, key_padding_mask, scaling):
     """Validate; return ``(B, Hq, T, Hkv, Tk, D, scaling)``."""
     _check_tensor("q", q, 4, "[B, Hq, T, D]")
@@ -244,9 +254,7 @@ def attention_probs_rows(
     Returns:
         probs ``[B, len(heads), len(rows), Tk]`` fp32; each row sums to 1 over the keys it sees.
     """
-    B, Hq, T, Hkv, Tk, D, scaling = _check_attention_inputs(q, k, key_padding_mask, scaling)
-    heads = _check_index_list("heads", heads, Hq, f"query heads for Hq = {Hq}")
-    rows = _check_index_list("rows", rows, T, f"query rows for T = {T}")
+    (B, Hq, T, Hkv, Tk, D, scaling), heads, rows = check_rows_inputs(q, k, key_padding_mask, scaling, heads, rows)
     G, device = Hq // Hkv, q.device
     keep = None if key_padding_mask is None else key_padding_mask.to(device=device).bool()
     head_idx = torch.tensor(heads, device=device)

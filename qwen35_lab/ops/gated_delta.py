@@ -289,6 +289,15 @@ def naive_recurrent_gated_delta_rule(
 
 # ----------------------------------------------------------------------------- chunked form
 
+def check_chunk_inputs(q, k, v, g, beta, initial_state, chunk_size, scale) -> tuple[int, int, int, int, int, int]:
+    """The argument handling of the chunked form, shared by this reference and the Triton kernel:
+    shapes, dtypes and devices of the sequence, ``chunk_size`` and ``scale``. Returns
+    ``(B, T, H, HV, K, V)``."""
+    shapes = _check_sequence_inputs(q, k, v, g, beta, initial_state)
+    _check_chunk_size(chunk_size)
+    _check_scale(scale)
+    return shapes
+
 
 def chunk_gated_delta_rule(
     q: torch.Tensor,
@@ -327,9 +336,7 @@ def chunk_gated_delta_rule(
         ``[B, HV, K, V]`` fp32 or None; chunk_states ``[B, NT, HV, K, V]`` fp32 or None, with
         ``NT = ceil(T / chunk_size)`` and ``chunk_states[:, 0]`` the initial state (or zeros).
     """
-    B, T, H, HV, K, V = _check_sequence_inputs(q, k, v, g, beta, initial_state)
-    _check_chunk_size(chunk_size)
-    _check_scale(scale)
+    B, T, H, HV, K, V = check_chunk_inputs(q, k, v, g, beta, initial_state, chunk_size, scale)
     scale = K**-0.5 if scale is None else float(scale)
     C, G, device = chunk_size, HV // H, q.device
     NT = math.ceil(T / C)
