@@ -16,7 +16,7 @@ from .modules import instrument, is_instrumented, uninstrument
 from .probes import READ_ONLY, parse, probe_names, select
 from .session import Session
 from .trace import Trace
-from ..checks import BadIndex, BadValue
+from ..checks import BadValue
 
 __all__ = [
     "Edit", "Session", "Trace", "estimate_capture_bytes", "instrument", "is_instrumented", "patch",
@@ -71,18 +71,6 @@ def head_counts(config) -> dict[str, int]:
             "attn.q": t.num_attention_heads, "attn.gate": t.num_attention_heads,
             "attn.probs": t.num_attention_heads, "attn.summary": t.num_attention_heads,
             "attn.k": t.num_key_value_heads, "attn.v": t.num_key_value_heads}
-
-
-def validate_heads(config, names: list[str], heads) -> None:
-    """Refuse head indices beyond a selected probe's head count, before running."""
-    if heads is None:
-        return
-    hs = [heads] if isinstance(heads, int) else list(heads)
-    counts = head_counts(config)
-    for name in names:
-        n = counts.get(parse(name)[1])
-        if n is not None and any(h >= n or h < -n for h in hs):
-            raise BadIndex(f"head {max(hs)} is out of range for probe {name!r}, which has {n} heads (0–{n - 1})")
 
 
 def estimate_capture_bytes(config, names: list[str], *, batch: int, length: int, n_positions: int | None = None,
