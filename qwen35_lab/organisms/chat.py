@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .. import configs
+from .. import checks, configs
 from .._io import atomic_directory
 from . import chat_data, tiny
 
@@ -237,12 +237,11 @@ def train(*, seed: int = 0, out_dir: str | Path | None = None, minutes: float = 
     from ..tokenizer import get_tokenizer
     from . import organisms_dir
 
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    if not (isinstance(minutes, (int, float)) and minutes > 0):
-        raise ValueError(f"minutes must be a positive number, got {minutes!r}")
-    steps_cap = recipe.max_steps if max_steps is None else max_steps
-    out = Path(out_dir) if out_dir is not None else organisms_dir() / "chat"
+    seed = checks.check_int("seed", seed, lo=0, hi=2**63 - 1)
+    minutes = checks.check_float("minutes", minutes, lo=0, lo_open=True)
+    threads = checks.check_int("threads", threads, lo=1, hi=1024)
+    steps_cap = recipe.max_steps if max_steps is None else checks.check_int("max_steps", max_steps, lo=1)
+    out = checks.check_path("out_dir", out_dir) if out_dir is not None else organisms_dir() / "chat"
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)

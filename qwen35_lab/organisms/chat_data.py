@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .. import checks
+
 __all__ = [
     "KINDS", "WEIGHTS", "Conversation", "make_conversation", "encode", "draw_image", "draw_video",
     "COLOURS", "ANIMALS", "FRUITS", "CITIES", "CURRENCIES", "SHAPES", "POSITIONS", "DIRECTIONS", "TOOLS",
@@ -474,8 +476,7 @@ def make_conversation(rng: random.Random, kind: str | None = None, *, thinking: 
     """
     if kind is None:
         kind = rng.choices(KINDS, weights=[WEIGHTS[k] for k in KINDS])[0]
-    if kind not in _MAKERS:
-        raise ValueError(f"unknown conversation kind {kind!r}; valid: {', '.join(KINDS)}")
+    checks.check_choice("conversation kind", kind, KINDS)
     if thinking is None:
         thinking = rng.random() < 0.5
     sys_prompt = rng.choice(SYSTEM_PROMPTS) if system else None

@@ -45,7 +45,7 @@ LOOP_MAX_NEW_TOKENS = 48
 LOOP_THRESHOLD = 0.3
 PRESENCE_PENALTY = 1.5  # the Qwen3.5 instruct-general preset's value
 CARD_EVAL_SEED = 777
-CARD_N = 60
+CARD_N = 40
 
 
 def normalise(text: str) -> str:
@@ -338,6 +338,12 @@ def _plot_curve(path: Path, log: list[dict]) -> None:
     plt.close(fig)
 
 
+def _cell(text, limit: int = 90) -> str:
+    """Text for one line of a markdown table: newlines as ⏎, pipes and backticks escaped, cut at ``limit``."""
+    text = str(text).replace("\n", "⏎").replace("|", "\\|").replace("`", "'")
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -410,7 +416,8 @@ def card(meta: dict, log: list[dict], *, size_bytes: int) -> str:
                      f"{_pct(off['think_block_rate'])} / {_pct(on['think_block_rate'])} |")
     lines.append(f"| **mean** | **{_pct(t['mean_non_thinking'])}** | **{_pct(t['mean_thinking'])}** | | |")
     ex = t["count"]["thinking"]["examples"][0]
-    lines += ["", f"A thinking reply (count): reasoning `{ex['reasoning']}`, answer `{ex['answer']}` (expected `{ex['expected']}`).", ""]
+    lines += ["", f"A thinking reply (count): `{_cell(ex['prompt'])}` → reasoning `{_cell(ex['reasoning'])}`, answer "
+              f"`{_cell(ex['answer'])}` (expected `{ex['expected']}`).", ""]
     to = ev["tools"]
     lines += ["### Tools", "", "| | rate |", "|---|---:|",
               f"| tool-call replies that parse (`parse_output`) | {_pct(to['call_parsed'])} |",
@@ -421,7 +428,7 @@ def card(meta: dict, log: list[dict], *, size_bytes: int) -> str:
               f"| … and answered right | {_pct(to['no_tool_accuracy'])} |", ""]
     if to["examples"]:
         e0 = to["examples"][0]
-        lines += [f"Example: `{e0['prompt']}` → `{json.dumps(e0['tool_calls'])}`.", ""]
+        lines += [f"Example: `{_cell(e0['prompt'])}` → `{_cell(json.dumps(e0['tool_calls']))}`.", ""]
     lines += ["### Images and video", "",
               "| | accuracy | chance | vision ablated (flat grey pixels) |", "|---|---:|---:|---:|"]
     for part in ("image", "video"):
@@ -436,9 +443,9 @@ def card(meta: dict, log: list[dict], *, size_bytes: int) -> str:
               f"{_pct(o['p_colour_words'])} on the ten capitalised colour words, {o['p_untrained_tail']:.1e} on the "
               "untrained tail altogether.", "",
               "| token | p |", "|---|---:|"]
-    lines += [f"| `{x['token']}` | {x['p']:.3f} |" for x in o["top"][:6]]
+    lines += [f"| `{_cell(x['token'])}` | {x['p']:.3f} |" for x in o["top"][:6]]
     lines += ["", f"{o['n_sampled']} replies sampled at temperature 1 (no top-k/p): {o['distinct_sampled']} distinct — "
-              + ", ".join(f"{k} ×{v}" for k, v in o["sampled"].items()) + ".", ""]
+              + ", ".join(f"`{_cell(k)}` ×{v}" for k, v in o["sampled"].items()) + ".", ""]
     lo = ev["loops"]
     lines += ["### Repetition loops and the presence penalty", "",
               f"{lo['n']} list prompts (`List some colours.` …), greedy, {lo['max_new_tokens']} new tokens; a loop = "
@@ -446,7 +453,7 @@ def card(meta: dict, log: list[dict], *, size_bytes: int) -> str:
               "| decoding | loop rate | mean seq-rep-4 | example |", "|---|---:|---:|---|"]
     for label, name in (("greedy", "greedy"), ("greedy_presence_penalty", f"greedy, presence_penalty {lo['presence_penalty']}")):
         x = lo[label]
-        lines.append(f"| {name} | {_pct(x['loop_rate'])} | {x['mean_repetition_rate']:.2f} | `{x['examples'][0][:70]}…` |")
+        lines.append(f"| {name} | {_pct(x['loop_rate'])} | {x['mean_repetition_rate']:.2f} | `{_cell(x['examples'][0])}` |")
     lines += ["", "## Reproduce", "", "```", f"python -m qwen35_lab.organisms train chat --seed {meta['seed']}",
               f"python -m qwen35_lab.organisms evaluate chat --n {n} --seed {ev['seed']}", "```", "",
               "Data come from `random.Random(seed)` in this process and initialisation from `torch.manual_seed(seed)`; "
