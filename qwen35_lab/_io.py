@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .checks import check_writable_target
+
 
 @contextlib.contextmanager
 def atomic_directory(target: str | Path):
@@ -16,7 +18,7 @@ def atomic_directory(target: str | Path):
     On an exception the temporary directory is removed and ``target`` is left
     as it was.
     """
-    target = Path(target)
+    target = check_writable_target("path", target, directory=True)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     os.chmod(tmp, 0o755)
@@ -37,7 +39,7 @@ def atomic_directory(target: str | Path):
 @contextlib.contextmanager
 def atomic_file(target: str | Path, mode: str = "wb"):
     """Open a temporary file beside ``target``; on success it replaces ``target``."""
-    target = Path(target)
+    target = check_writable_target("path", target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:

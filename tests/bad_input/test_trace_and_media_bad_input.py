@@ -182,3 +182,20 @@ def test_a_missing_media_file(lab, tmp_path):
 def test_frame_sampling_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         media.sample_frame_indices(32, 8.0, **kwargs)
+
+
+@pytest.mark.parametrize("writer", ["file", "directory"])
+def test_every_atomic_save_names_a_path_it_cannot_write(tmp_path, writer):
+    from qwen35_lab._io import atomic_directory, atomic_file
+
+    (tmp_path / "plain").write_text("x")
+    target = tmp_path / "plain" / "out"
+    with pytest.raises(BadValue, match=r"cannot write path '.*plain/out': '.*plain' is a file"):
+        with (atomic_file(target) if writer == "file" else atomic_directory(target)):
+            pass
+    (tmp_path / "folder").mkdir()
+    wrong = tmp_path / ("folder" if writer == "file" else "plain")
+    with pytest.raises(BadValue, match=r"is a (directory|file);"):
+        with (atomic_file(wrong) if writer == "file" else atomic_directory(wrong)):
+            pass
+    assert (tmp_path / "plain").read_text() == "x"
