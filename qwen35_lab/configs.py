@@ -29,8 +29,10 @@ __all__ = [
     "VisionSpec",
     "build_random",
     "config_for",
+    "count_active_parameters",
     "count_parameters",
     "estimate_weight_bytes",
+    "moe_weights",
     "resolve_known",
 ]
 
@@ -67,10 +69,20 @@ class ModelSpec:
     vision: VisionSpec
     template: str  # chat-template variant, see qwen35_lab.chat_format
     note: str = ""
+    # Mixture-of-Experts members (model_type qwen3_5_moe): routed experts, top-k, expert and shared-expert widths
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    bos_token_id: int | None | str = "absent"  # the text config's bos_token_id ("absent": not in config.json)
 
     @property
     def hub_id(self) -> str:
         return f"Qwen/{self.name}"
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
 
 
 _VISION_SMALL = VisionSpec(depth=12, hidden_size=768, intermediate_size=3072, num_heads=12)
@@ -89,8 +101,25 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
         ModelSpec("Qwen3.5-9B", 4096, 12288, 32, 16, 4, 32, False, _VISION_LARGE, "qwen3.5"),
         ModelSpec("Qwen3.5-27B", 5120, 17408, 64, 24, 4, 48, False, _VISION_LARGE, "qwen3.5"),
         ModelSpec("Qwen3.6-27B", 5120, 17408, 64, 24, 4, 48, False, _VISION_LARGE, "qwen3.6"),
+        # MoE: every layer's FFN is a sparse block (E experts, top-k, a gated shared expert); intermediate_size
+        # is the expert width (the config.json has no dense intermediate_size). Sources: tests/data/moe_facts.json.
+        ModelSpec("Qwen3.5-35B-A3B", 2048, 512, 40, 16, 2, 32, False, _VISION_LARGE, "qwen3.5",
+                  num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                  shared_expert_intermediate_size=512),
+        ModelSpec("Qwen3.5-122B-A10B", 3072, 1024, 48, 32, 2, 64, False, _VISION_LARGE, "qwen3.5",
+                  num_experts=256, num_experts_per_tok=8, moe_intermediate_size=1024,
+                  shared_expert_intermediate_size=1024, bos_token_id=None),
+        ModelSpec("Qwen3.5-397B-A17B", 4096, 1024, 60, 32, 2, 64, False, _VISION_LARGE, "qwen3.5",
+                  num_experts=512, num_experts_per_tok=10, moe_intermediate_size=1024,
+                  shared_expert_intermediate_size=1024, bos_token_id=None,
+                  note="no config.json copy seen: dimensions corroborated by NVIDIA Megatron-LM's config and the "
+                       "mlx-community card; bos_token_id assumed null as in 122B"),
+        ModelSpec("Qwen3.6-35B-A3B", 2048, 512, 40, 16, 2, 32, False, _VISION_LARGE, "qwen3.6",
+                  num_experts=256, num_experts_per_tok=8, moe_intermediate_size=512,
+                  shared_expert_intermediate_size=512, bos_token_id=EOS_TOKEN_ID),
     ]
 }
+MOE_MODELS = tuple(n for n, s in KNOWN_MODELS.items() if s.is_moe)
 
 
 def resolve_known(name: str) -> ModelSpec | None:
@@ -130,8 +159,9 @@ def layer_types(num_layers: int, full_attention_interval: int = 4) -> list[str]:
 
 
 def config_for(name: str):
-    """The ``Qwen3_5Config`` (text + vision) of a known model, as in its ``config.json``."""
-    from transformers import Qwen3_5Config
+    """The ``Qwen3_5Config`` (text + vision) of a known model, as in its ``config.json``; a
+    ``Qwen3_5MoeConfig`` for the Mixture-of-Experts members."""
+    from transformers import Qwen3_5Config, Qwen3_5MoeConfig
 
     s = _spec(name)
     text = dict(
@@ -167,6 +197,14 @@ def config_for(name: str):
         mamba_ssm_dtype="float32",
         rope_parameters=default_rope_parameters(),
     )
+    if s.is_moe:
+        del text["intermediate_size"]
+        text.update(model_type="qwen3_5_moe_text", num_experts=s.num_experts,
+                    num_experts_per_tok=s.num_experts_per_tok, moe_intermediate_size=s.moe_intermediate_size,
+                    shared_expert_intermediate_size=s.shared_expert_intermediate_size,
+                    router_aux_loss_coef=0.001, output_router_logits=False)
+        if s.bos_token_id != "absent":
+            text["bos_token_id"] = s.bos_token_id
     vision = dict(
         deepstack_visual_indexes=[],
         depth=s.vision.depth,
@@ -175,7 +213,7 @@ def config_for(name: str):
         in_channels=3,
         initializer_range=0.02,
         intermediate_size=s.vision.intermediate_size,
-        model_type="qwen3_5",
+        model_type="qwen3_5_moe" if s.is_moe else "qwen3_5",
         num_heads=s.vision.num_heads,
         num_position_embeddings=2304,
         out_hidden_size=s.hidden_size,
@@ -183,7 +221,7 @@ def config_for(name: str):
         spatial_merge_size=2,
         temporal_patch_size=2,
     )
-    config = Qwen3_5Config(
+    config = (Qwen3_5MoeConfig if s.is_moe else Qwen3_5Config)(
         text_config=text,
         vision_config=vision,
         image_token_id=IMAGE_TOKEN_ID,
@@ -192,14 +230,23 @@ def config_for(name: str):
         vision_end_token_id=VISION_END_TOKEN_ID,
         tie_word_embeddings=s.tie_word_embeddings,
     )
-    config.architectures = ["Qwen3_5ForConditionalGeneration"]
+    config.architectures = ["Qwen3_5MoeForConditionalGeneration" if s.is_moe else "Qwen3_5ForConditionalGeneration"]
     config.name_or_path = s.hub_id
     return config
 
 
-def _model_class(text_only: bool):
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration
+def is_moe_config(config) -> bool:
+    """Whether a (full or text) config describes a Mixture-of-Experts model (``qwen3_5_moe``)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "num_experts", 0) > 0 and hasattr(text, "num_experts_per_tok")
 
+
+def _model_class(text_only: bool, moe: bool = False):
+    from transformers import (Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration, Qwen3_5MoeForCausalLM,
+                              Qwen3_5MoeForConditionalGeneration)
+
+    if moe:
+        return Qwen3_5MoeForCausalLM if text_only else Qwen3_5MoeForConditionalGeneration
     return Qwen3_5ForCausalLM if text_only else Qwen3_5ForConditionalGeneration
 
 
@@ -208,7 +255,7 @@ def count_parameters(name: str, text_only: bool = False) -> int:
     """Exact parameter count of the HF model of that shape (built on the meta device)."""
     config = config_for(name)
     with torch.device("meta"):
-        model = _model_class(text_only)(config.text_config if text_only else config)
+        model = _model_class(text_only, is_moe_config(config))(config.text_config if text_only else config)
     seen: set[int] = set()
     total = 0
     for p in model.parameters():  # tied embeddings count once
@@ -219,8 +266,54 @@ def count_parameters(name: str, text_only: bool = False) -> int:
 
 
 def estimate_weight_bytes(name: str, dtype: str | torch.dtype = torch.bfloat16, text_only: bool = False) -> int:
-    """Bytes the weights take in ``dtype``, with or without the vision tower."""
+    """Bytes the weights take in ``dtype``, with or without the vision tower (all experts of a MoE model)."""
     return count_parameters(_spec(name).name, text_only) * _dtype(dtype).itemsize
+
+
+def expert_parameters(name: str) -> int:
+    """Parameters of the routed experts of a MoE model, all layers (``3 · I · D`` per expert); 0 for dense."""
+    s = _spec(name)
+    return s.num_hidden_layers * s.num_experts * 3 * s.moe_intermediate_size * s.hidden_size if s.is_moe else 0
+
+
+def count_active_parameters(name: str, text_only: bool = False) -> int:
+    """Parameters one token uses: everything but the ``E - k`` routed experts it is not sent to in each
+    layer (embeddings, ``lm_head``, the shared expert and the router included); the total for dense models."""
+    s = _spec(name)
+    total = count_parameters(s.name, text_only)
+    if not s.is_moe:
+        return total
+    return total - expert_parameters(s.name) * (s.num_experts - s.num_experts_per_tok) // s.num_experts
+
+
+def moe_weights(name: str, dtype: str | torch.dtype = torch.bfloat16, *, text_only: bool = False,
+                link_gb_per_s: float = 25.0) -> dict:
+    """Total and active weights of a known model, and what keeping the routed experts off the GPU costs.
+
+    Returns ``total_params``, ``active_params`` (per token), ``expert_params`` (routed experts, all
+    layers), their bytes in ``dtype`` (``total_bytes``, ``active_bytes``, ``expert_bytes``),
+    ``resident_bytes`` (what stays on the accelerator when the experts live in CPU RAM or on disk:
+    everything but the routed experts) and, for such offloading, the worst case of one decode step
+    that finds none of its experts on the GPU: ``offload_bytes_per_token`` = layers × k × one expert,
+    and ``offload_seconds_per_token`` at ``link_gb_per_s`` GB/s (PCIe 4 x16 ≈ 25; NVMe ≈ 3–7).
+    """
+    from .checks import check_float
+
+    s = _spec(name)
+    check_float("link_gb_per_s", link_gb_per_s, lo=0, lo_open=True)
+    b = _dtype(dtype).itemsize
+    total, active, experts = count_parameters(s.name, text_only), count_active_parameters(s.name, text_only), \
+        expert_parameters(s.name)
+    one_expert = 3 * s.moe_intermediate_size * s.hidden_size if s.is_moe else 0
+    per_token = s.num_hidden_layers * s.num_experts_per_tok * one_expert * b
+    return {
+        "model": s.name, "dtype": str(_dtype(dtype)).replace("torch.", ""), "moe": s.is_moe,
+        "num_experts": s.num_experts, "num_experts_per_tok": s.num_experts_per_tok,
+        "total_params": total, "active_params": active, "expert_params": experts,
+        "total_bytes": total * b, "active_bytes": active * b, "expert_bytes": experts * b,
+        "resident_bytes": (total - experts) * b,
+        "offload_bytes_per_token": per_token, "offload_seconds_per_token": per_token / (link_gb_per_s * 1e9),
+    }
 
 
 def _dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -240,20 +333,33 @@ def build_random(
     device: str | torch.device = "cpu",
     text_only: bool = False,
     num_hidden_layers: int | None = None,
+    num_experts: int | None = None,
     seed: int = 0,
 ):
     """A random-weight model of a known model's real shape (HF classes, eval mode).
 
     ``num_hidden_layers`` keeps the real widths but fewer layers (a multiple of
-    4), for quick experiments on a laptop.
+    4), for quick experiments on a laptop. ``num_experts`` (MoE models) keeps the
+    real expert width and top-k but fewer routed experts (at least top-k).
     """
+    from .checks import check_int
+
     config = config_for(name)
+    text = config.text_config
     if num_hidden_layers is not None:
-        if num_hidden_layers < 4 or num_hidden_layers % 4:
+        check_int("num_hidden_layers", num_hidden_layers, lo=4)
+        if num_hidden_layers % 4:
             raise BadValue(f"num_hidden_layers must be a positive multiple of 4, got {num_hidden_layers}")
-        config.text_config.num_hidden_layers = num_hidden_layers
-        config.text_config.layer_types = layer_types(num_hidden_layers)
+        text.num_hidden_layers = num_hidden_layers
+        text.layer_types = layer_types(num_hidden_layers)
+    if num_experts is not None:
+        if not is_moe_config(config):
+            raise BadValue(f"num_experts={num_experts!r}: {name} is a dense model (no routed experts); MoE models: "
+                           f"{', '.join(MOE_MODELS)}")
+        check_int(f"num_experts (top-k of {name} is {text.num_experts_per_tok})", num_experts,
+                  lo=text.num_experts_per_tok)
+        text.num_experts = num_experts
     torch.manual_seed(seed)
-    cls = _model_class(text_only)
+    cls = _model_class(text_only, is_moe_config(config))
     model = cls._from_config(config.text_config if text_only else config, dtype=_dtype(dtype))
     return model.to(device).eval()

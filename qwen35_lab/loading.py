@@ -25,7 +25,9 @@ from .checks import (BadType, BadValue, MissingFile, OverBudget, check_bool, che
 
 __all__ = ["load", "resolve", "ModelSource"]
 
-SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text")
+# dense and Mixture-of-Experts (qwen3_5_moe: 35B-A3B, 122B-A10B, 397B-A17B, 3.6-35B-A3B), multimodal or text-only
+SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text")
+TEXT_ONLY_MODEL_TYPES = ("qwen3_5_text", "qwen3_5_moe_text")
 
 
 class ModelSource:
@@ -78,7 +80,8 @@ def _check_local_checkpoint(path: Path) -> dict:
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise BadValue(f"{str(path)!r} holds a model of type {model_type!r}; qwen35_lab loads "
-                         f"model_type {' or '.join(map(repr, SUPPORTED_MODEL_TYPES))} (Qwen3.5 / Qwen3.6)")
+                         f"model_type {' or '.join(map(repr, SUPPORTED_MODEL_TYPES))} (Qwen3.5 / Qwen3.6, dense and "
+                         "Mixture-of-Experts)")
     weights = sorted(path.glob("*.safetensors"))
     if not weights:
         raise MissingFile(f"{str(path)!r} has a config.json but no *.safetensors weights; "
@@ -165,7 +168,7 @@ def load(
         n_params = sum(check_safetensors(f) for f in sorted(path.glob("*.safetensors")))
         if (path / "qwen35_lab.json").is_file():
             meta = json.loads((path / "qwen35_lab.json").read_text())
-        if raw.get("model_type") == "qwen3_5_text":
+        if raw.get("model_type") in TEXT_ONLY_MODEL_TYPES:
             text_only = True
     location = source.location
     on_cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
@@ -186,9 +189,16 @@ def load(
         offload_ok = device == "auto" and offload_folder is not None
         if need and need > 0.9 * have and not offload_ok:
             where = "RAM" if device == "cpu" or not torch.cuda.is_available() else "GPU memory"
+            moe = ""
+            if source.spec is not None and source.spec.is_moe:  # all experts are loaded; a token uses k of E
+                w = configs.moe_weights(source.spec.name, torch_dtype if torch_dtype != "auto" else torch.bfloat16,
+                                        text_only=text_only)
+                moe = (f" (all {w['num_experts']} experts per layer: {_fmt_gb(w['expert_bytes'])} of routed experts; "
+                       f"a token uses {_fmt_gb(w['active_bytes'])}; with the experts offloaded to CPU/disk about "
+                       f"{_fmt_gb(w['resident_bytes'])} stays resident)")
             raise OverBudget(
                 f"{source.name} needs about {_fmt_gb(need)} for its weights"
-                f"{' (text only)' if text_only else ''} but only {_fmt_gb(have)} of {where} is free. "
+                f"{' (text only)' if text_only else ''}{moe} but only {_fmt_gb(have)} of {where} is free. "
                 f"Try text_only=True, dtype='bfloat16', device='auto' with offload_folder=..., "
                 f"or pass check_memory=False to try anyway."
             )

@@ -12,6 +12,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FACTS = ROOT / "tests" / "data" / "model_facts.json"
+MOE_FACTS = ROOT / "tests" / "data" / "moe_facts.json"
 
 # The test models are tiny: one thread is faster than two (no oversubscription) and deterministic.
 torch.set_num_threads(1)
@@ -23,6 +24,13 @@ def facts() -> dict:
     with its source: ``tests/data/model_facts.json``. Read afresh for each test: a test that hands a
     dict to transformers (which pops keys) cannot change what the next one sees."""
     return json.loads(FACTS.read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def moe_facts() -> dict:
+    """Facts about the Mixture-of-Experts checkpoints (text and vision configs, parameter counts, expert
+    layouts, routing), each with its status and source: ``tests/data/moe_facts.json``. Read afresh per test."""
+    return json.loads(MOE_FACTS.read_text(encoding="utf-8"))
 
 
 @pytest.fixture(scope="session")

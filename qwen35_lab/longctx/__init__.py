@@ -25,6 +25,7 @@ from .analysis import (
 )
 from .memory import MemoryPlan, check_fits, format_memory_table, memory_table, plan_memory, plot_memory
 from .attention import chunk_attention, chunked_attention
+from .needles import NeedleHeatmap, needle_heatmap, plot_needle_heatmap
 from .prefill import LongDocument, PrefillResult, chunked_prefill, long_document
 from .rope import (
     ROPE_TYPES,
@@ -44,5 +45,5 @@ __all__ = [
     "rotated_similarity", "yarn_attention_factor", "yarn_inv_freq", "RopeCheck", "verify_rope",
     "MemoryPlan", "check_fits", "format_memory_table", "memory_table", "plan_memory", "plot_memory",
     "LongDocument", "PrefillResult", "chunked_prefill", "long_document",
-    "chunk_attention", "chunked_attention",
+    "chunk_attention", "chunked_attention", "NeedleHeatmap", "needle_heatmap", "plot_needle_heatmap",
 ]

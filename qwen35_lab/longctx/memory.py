@@ -40,7 +40,8 @@ at each layer's peak, per token and batch item:
   by one chunk, the layer's previous K and V, ``2 · Hkv · head_dim · (T - c) · b``,
   are alive beside the new ones (``torch.cat``);
 * FFN: ``(3 · I + D) · b`` (the activated gate, the up projection, their
-  product and the output);
+  product and the output); for a MoE model ``I`` is the shared expert's width
+  plus k expert widths, and the router's fp32 logits add ``4 · E``;
 * logits: ``vocab · b`` for the last position only (``logits="last"``, what a
   prefill needs), or for every position of the chunk (``logits="all"``);
 * chunked: the boolean causal mask ``c · T`` is built once per chunk and alive
@@ -122,11 +123,9 @@ def _known_config(name: str):
 
 def _count_from_config(config, text_only: bool) -> tuple[int, int]:
     """(language-model parameters, vision parameters) of a config, counted on the meta device."""
-    from transformers import Qwen3_5ForCausalLM, Qwen3_5ForConditionalGeneration
-
     is_text = not hasattr(config, "vision_config") or config.get_text_config() is config
     text_only = text_only or is_text
-    cls = Qwen3_5ForCausalLM if text_only else Qwen3_5ForConditionalGeneration
+    cls = configs._model_class(text_only, configs.is_moe_config(config))  # dense or MoE (qwen3_5_moe)
     with torch.device("meta"):
         model = cls._from_config(copy.deepcopy(config.get_text_config() if text_only else config))
     return _count_module(model)
@@ -209,7 +208,8 @@ def plan_memory(model, context: int, dtype=None, batch: int = 1, text_only: bool
             ``"qwen35_lab_chunked"`` (what :func:`chunked_prefill` runs: no mask, no repeated K/V).
         logits: ``"last"`` (prefill keeps the last position's logits) or ``"all"``.
 
-    Returns a :class:`MemoryPlan`: ``weights``, ``vision_weights``, ``kv_cache``,
+    Returns a :class:`MemoryPlan`: ``weights``, ``active_weights`` (what one token reads: a MoE model's
+    k of E routed experts per layer; the weights for a dense model), ``vision_weights``, ``kv_cache``,
     ``deltanet_state``, ``conv_state``, ``activations`` (bytes), ``working_sets`` (per layer
     kind), ``peak_layer``, ``runtime`` (everything but the weights), ``total`` (the prefill
     peak), ``decode_total`` (weights + cache + state, held after prefill), and
@@ -233,7 +233,11 @@ def plan_memory(model, context: int, dtype=None, batch: int = 1, text_only: bool
 
     kinds = list(tc.layer_types)
     n_full, n_lin = kinds.count("full_attention"), kinds.count("linear_attention")
-    D, I, V_vocab = tc.hidden_size, tc.intermediate_size, tc.vocab_size
+    moe = configs.is_moe_config(tc)
+    # MoE: the FFN working set is the shared expert's plus k routed experts' (and the router's fp32 logits)
+    I = tc.shared_expert_intermediate_size + tc.num_experts_per_tok * tc.moe_intermediate_size if moe \
+        else tc.intermediate_size
+    D, V_vocab = tc.hidden_size, tc.vocab_size
     Hq, Hkv, hd = tc.num_attention_heads, tc.num_key_value_heads, tc.head_dim
     H, K = tc.linear_num_key_heads, tc.linear_key_head_dim
     HV, V = tc.linear_num_value_heads, tc.linear_value_head_dim
@@ -253,7 +257,7 @@ def plan_memory(model, context: int, dtype=None, batch: int = 1, text_only: bool
         "linear_attention": shared + (conv_dim + HV * V) * b
         + 4 * (5 * HV * K + 4 * HV * V + 3 * HV * DELTA_RULE_CHUNK) + HV * V * b,
         "full_attention": shared + 4 * Hq * hd * b,
-        "mlp": shared + (3 * I + D) * b,
+        "mlp": shared + (3 * I + D) * b + (4 * tc.num_experts if moe else 0),
     }
     working_sets = {k: v * c * batch for k, v in per_token.items() if k in kinds or k == "mlp"}
     if "full_attention" in working_sets and attn == CHUNKED:
@@ -275,6 +279,9 @@ def plan_memory(model, context: int, dtype=None, batch: int = 1, text_only: bool
 
     weights = n_text * b
     vision_weights = 0 if text_only else n_vision * b
+    # MoE: a token reads only k of the E routed experts of each layer (the rest stay idle, or offloaded)
+    idle_experts = len(kinds) * (tc.num_experts - tc.num_experts_per_tok) * 3 * tc.moe_intermediate_size * D if moe else 0
+    active_weights = weights - idle_experts * b
     runtime = kv_cache + deltanet_state + conv_state + activations
     total = weights + vision_weights + runtime
     decode_total = weights + vision_weights + kv_cache + deltanet_state + conv_state
@@ -282,7 +289,7 @@ def plan_memory(model, context: int, dtype=None, batch: int = 1, text_only: bool
     return MemoryPlan(
         model=name, context=T, batch=batch, dtype=str(torch_dtype).replace("torch.", ""), text_only=text_only,
         prefill_chunk=prefill_chunk if chunked else None, attn_implementation=attn, logits=logits,
-        weights=weights, vision_weights=vision_weights, kv_cache=kv_cache, deltanet_state=deltanet_state,
+        weights=weights, active_weights=active_weights, vision_weights=vision_weights, kv_cache=kv_cache, deltanet_state=deltanet_state,
         conv_state=conv_state, activations=activations, working_sets=working_sets, peak_layer=peak_layer,
         runtime=runtime, total=total, decode_total=decode_total, all_attention_kv_cache=all_kv,
         all_attention_decode_total=weights + vision_weights + all_kv,

@@ -19,7 +19,8 @@ from .tasks import evaluate
 
 __all__ = ["BUILDERS", "TRAINABLE", "organisms_dir", "available", "build", "evaluate"]
 
-BUILDERS = {"tiny": "qwen35_lab.organisms.tiny:build_tiny"}
+BUILDERS = {"tiny": "qwen35_lab.organisms.tiny:build_tiny",
+            "tiny-moe": "qwen35_lab.organisms.tiny_moe:build_tiny_moe"}  # a random-weight qwen3_5_moe
 TRAINABLE = ("recall", "recall-linear", "passkey")
 
 

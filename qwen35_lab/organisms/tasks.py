@@ -13,6 +13,21 @@ The answers are the values after the ``?`` (loss and accuracy on those only).
 ``length`` is the number of pairs ``N`` (1 to 64); a sequence has ``4N + 1``
 tokens.
 
+``needles`` — many key → value needles in a long haystack of filler
+sentences, one of them asked for at the end::
+
+    the sky is blue . v7 k12 the sun is warm . v40 k3 here we go again . ? k12 v7 k3 v40
+
+A needle is the value followed by its key (``v7 k12``): the final ``k12``
+finds the earlier ``k12`` by its own identity and reads the value the token
+before it left there. ``length`` is the number of haystack tokens (filler plus the ``2N`` needle
+tokens); ``N`` needles (distinct keys, default 16) sit at random sentence
+boundaries. In training every key is asked after ``?`` (shuffled, each
+followed by its value); for evaluation only the first query counts, so a
+prompt is ``length + 2`` tokens with one answer. With more needles than the
+Gated DeltaNet heads can hold, the look-up has to go through the attention
+layer — and so through RoPE.
+
 ``passkey`` — one key word hidden at a random depth in filler sentences, asked
 for at the end::
 
@@ -36,13 +51,15 @@ from dataclasses import dataclass
 
 import torch
 
+from ..checks import BadValue, check_choice, check_int
+
 __all__ = [
     "TASKS", "RECALL_NUM_KEYS", "RECALL_NUM_VALUES", "PASSKEY_WORDS", "FILLER_SENTENCES",
     "vocabulary", "build_tokenizer", "Example", "recall_example", "passkey_example",
-    "make_batch", "accuracy_from_logits", "evaluate",
+    "make_batch", "accuracy_from_logits", "evaluate", "NEEDLES_DEFAULT", "needles_example", "wilson_interval",
 ]
 
-TASKS = ("recall", "passkey")
+TASKS = ("recall", "passkey", "needles")
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>"]
 
 RECALL_NUM_KEYS = 64
@@ -67,15 +84,22 @@ FILLER_SENTENCES = [
     "the road goes on .",
 ]
 NEEDLE = "the key is {} ."
+# needles: N key → value pairs (keys k0..k63, values v0..v63) hidden in filler sentences
+NEEDLES_DEFAULT = 16
+NEEDLES_MAX = 24
 QUESTION = "what is the key ?"
 
 
 def vocabulary(task: str) -> list[str]:
     """The word-level vocabulary of ``task``: token strings in id order."""
     _check_task(task)
-    if task == "recall":
-        return (SPECIAL_TOKENS + [RECALL_QUERY] + [f"k{i}" for i in range(RECALL_NUM_KEYS)]
-                + [f"v{i}" for i in range(RECALL_NUM_VALUES)])
+    if task in ("recall", "needles"):
+        words = SPECIAL_TOKENS + [RECALL_QUERY] + [f"k{i}" for i in range(RECALL_NUM_KEYS)]
+        words += [f"v{i}" for i in range(RECALL_NUM_VALUES)]
+        if task == "needles":
+            for text in FILLER_SENTENCES:
+                words += [w for w in text.split() if w not in words]
+        return words
     words = []
     for text in FILLER_SENTENCES + [NEEDLE.format(""), QUESTION]:
         for w in text.split():
@@ -161,19 +185,65 @@ def passkey_example(rng: random.Random, length: int, depth: float | None = None)
     return Example(" ".join(words + [key]), [key], [len(words)])
 
 
-def make_example(task: str, rng: random.Random, length: int) -> Example:
+def needles_example(rng: random.Random, length: int, num_needles: int = NEEDLES_DEFAULT,
+                    depth: float | None = None, queries: int | None = 1) -> Example:
+    """``num_needles`` key → value needles in a haystack of ``length`` tokens, then ``?`` and the queries.
+
+    The first query asks the target needle, placed at relative ``depth`` of
+    the haystack (random if None); ``queries`` keys are asked in all (None:
+    every key, in shuffled order after the target), each followed by its value.
+    """
+    _check_int("num_needles", num_needles, 1, NEEDLES_MAX)
+    _check_int("length", length, 2 * num_needles, 10_000_000)
+    if depth is not None and not (isinstance(depth, (int, float)) and not isinstance(depth, bool)
+                                  and 0.0 <= depth <= 1.0):
+        raise BadValue(f"depth must be a number in [0, 1] or None, got {depth!r}")
+    q = num_needles if queries is None else queries
+    _check_int("queries", q, 1, num_needles)
+    sentences = _filler(rng, length - 2 * num_needles)
+    keys = rng.sample(range(RECALL_NUM_KEYS), num_needles)
+    values = [rng.randrange(RECALL_NUM_VALUES) for _ in keys]
+    n_slots = len(sentences) + 1
+    slots = [rng.randrange(n_slots) for _ in keys]
+    if depth is not None:
+        slots[0] = round(depth * (n_slots - 1))
+    at: dict[int, list[int]] = {}
+    for i, s in enumerate(slots):
+        at.setdefault(s, []).append(i)
+    words: list[str] = []
+    for s in range(n_slots):
+        for i in at.get(s, []):
+            words += [f"v{values[i]}", f"k{keys[i]}"]
+        if s < len(sentences):
+            words += sentences[s]
+    words.append(RECALL_QUERY)
+    order = [0] + rng.sample(range(1, num_needles), num_needles - 1)
+    answers, positions = [], []
+    for i in order[:q]:
+        words.append(f"k{keys[i]}")
+        positions.append(len(words))
+        answers.append(f"v{values[i]}")
+        words.append(answers[-1])
+    return Example(" ".join(words), answers, positions)
+
+
+def make_example(task: str, rng: random.Random, length: int, **kwargs) -> Example:
     _check_task(task)
-    return recall_example(rng, length) if task == "recall" else passkey_example(rng, length)
+    if task == "recall":
+        return recall_example(rng, length)
+    if task == "needles":
+        return needles_example(rng, length, **kwargs)
+    return passkey_example(rng, length)
 
 
-def make_batch(task: str, tokenizer, rng: random.Random, length: int, batch_size: int):
-    """``batch_size`` examples of one ``length`` as tensors.
+def make_batch(task: str, tokenizer, rng: random.Random, length: int, batch_size: int, **kwargs):
+    """``batch_size`` examples of one ``length`` as tensors (``kwargs`` go to the task's generator).
 
     Returns ``(input_ids, labels)``, both ``[B, T]``; ``labels`` is -100 except
     at the answers (so a causal-LM loss counts the answers only).
     """
     _check_int("batch_size", batch_size, 1, 1_000_000)
-    examples = [make_example(task, rng, length) for _ in range(batch_size)]
+    examples = [make_example(task, rng, length, **kwargs) for _ in range(batch_size)]
     vocab = tokenizer.get_vocab()
     rows = [[vocab[w] for w in ex.words] for ex in examples]
     T = len(rows[0])
@@ -203,21 +273,33 @@ def accuracy_from_logits(logits: torch.Tensor, input_ids: torch.Tensor, labels: 
     return (pred[mask] == labels[:, 1:][mask]).float().mean().item()
 
 
+def wilson_interval(correct: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion ``correct / n`` (95% for ``z = 1.96``)."""
+    _check_int("n", n, 1, 10**12)
+    _check_int("correct", correct, 0, n)
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def evaluate(lab, task: str, *, length: int | None = None, n: int = 200, seed: int = 12345,
-             batch_size: int = 50) -> dict:
+             batch_size: int = 50, num_needles: int | None = None) -> dict:
     """Accuracy of an organism on ``n`` fresh examples of ``task`` at ``length``.
 
     Args:
         lab: a :class:`~qwen35_lab.Lab` (``ql.load("recall")``) or anything with
             ``.model`` and ``.tokenizer``.
-        task: ``"recall"`` (``length`` = number of key-value pairs, 1..64) or
-            ``"passkey"`` (``length`` = number of filler tokens).
+        task: ``"recall"`` (``length`` = number of key-value pairs, 1..64),
+            ``"passkey"`` (``length`` = number of filler tokens) or ``"needles"``
+            (``length`` = haystack tokens; one query per prompt).
         length: default: the organism's training length (from its ``qwen35_lab.json``).
         n: number of sequences; recall scores every query of every sequence.
         seed: seed of the held-out data (training used other seeds).
+        num_needles: needles per prompt for ``"needles"`` (default 16).
 
-    Returns ``{"accuracy", "n", "length", "answers"}`` (``answers``: how many
-    answers were scored).
+    Returns ``{"accuracy", "n", "length", "answers", "ci95"}`` (``answers``: how many
+    answers were scored; ``ci95``: the Wilson interval over the answers).
     """
     _check_task(task)
     _check_int("n", n, 1, 10_000_000)
@@ -233,7 +315,14 @@ def evaluate(lab, task: str, *, length: int | None = None, n: int = 200, seed: i
         if "train_length" not in meta:
             raise ValueError("pass length=...: this model has no training length in its qwen35_lab.json")
         length = meta["train_length"]
-    _check_int("length", length, 1 if task == "recall" else 0, RECALL_NUM_KEYS if task == "recall" else 10_000_000)
+    kwargs = {}
+    if task == "needles":
+        kwargs["num_needles"] = NEEDLES_DEFAULT if num_needles is None else num_needles
+        _check_int("num_needles", kwargs["num_needles"], 1, NEEDLES_MAX)
+    elif num_needles is not None:
+        raise ValueError(f"num_needles is a parameter of the 'needles' task, not of {task!r}")
+    lo = {"recall": 1, "passkey": 0, "needles": 2 * kwargs.get("num_needles", 0)}[task]
+    _check_int("length", length, lo, RECALL_NUM_KEYS if task == "recall" else 10_000_000)
     vocab = lab.tokenizer.get_vocab()
     missing = [w for w in vocabulary(task) if w not in vocab]
     if missing:
@@ -247,22 +336,20 @@ def evaluate(lab, task: str, *, length: int | None = None, n: int = 200, seed: i
         done = 0
         while done < n:
             b = min(batch_size, n - done)
-            input_ids, labels = make_batch(task, lab.tokenizer, rng, length, b)
+            input_ids, labels = make_batch(task, lab.tokenizer, rng, length, b, **kwargs)
             logits = model(input_ids=input_ids.to(device)).logits.float().cpu()
             answers = int((labels != -100).sum())
             correct += accuracy_from_logits(logits, input_ids, labels) * answers
             total += answers
             done += b
-    return {"accuracy": correct / total, "n": n, "length": length, "answers": int(total)}
+    hits = int(round(correct))
+    return {"accuracy": correct / total, "n": n, "length": length, "answers": int(total),
+            "ci95": list(wilson_interval(hits, int(total)))}
 
 
 def _check_task(task) -> None:
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; valid: {', '.join(map(repr, TASKS))}")
+    check_choice("task", task, TASKS)
 
 
 def _check_int(name: str, value, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {value!r}")
-    if not lo <= value <= hi:
-        raise ValueError(f"{name}={value} is out of range; valid: {lo}..{hi}")
+    check_int(name, value, lo=lo, hi=hi)

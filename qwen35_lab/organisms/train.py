@@ -92,6 +92,17 @@ RECIPES: dict[str, Recipe] = {
         batch_size=32, max_steps=1000, min_steps=600, eval_every=50, target_accuracy=1.0,
         description="one key word hidden in 256 filler tokens; Gated DeltaNet + gated attention",
     ),
+    "needles": Recipe(
+        name="needles", task="needles",
+        layer_types=("linear_attention",) * 3 + ("full_attention",),
+        train_length=256, min_length=32, length_step=16,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
+        linear_key_head_dim=8, rope_theta=1000.0, partial_rotary_factor=0.25,
+        batch_size=32, max_steps=2500, eval_every=100, target_accuracy=0.99, min_steps=600,
+        description="16 key → value needles in a 256-token haystack; one [3 × Gated DeltaNet, 1 × gated "
+                    "attention] group whose look-up goes through the attention layer",
+        extra={"min_needles": 6, "max_needles": 16, "ramp_steps": 800},
+    ),
 }
 
 
@@ -143,10 +154,24 @@ def init_decay(model, generator: torch.Generator) -> None:
         attn.dt_bias.data = dt + torch.log(-torch.expm1(-dt))
 
 
-def _draw_length(recipe: Recipe, rng: random.Random) -> int:
+def _batch_kwargs(recipe: Recipe, rng: random.Random, length: int) -> dict:
+    """Task arguments of one training batch: for needles, the number of needles (curriculum) and every key asked."""
+    if recipe.task != "needles":
+        return {}
+    hi = min(recipe.extra["max_needles"], length // 4)
+    return {"num_needles": rng.randint(min(recipe.extra["min_needles"], hi), hi), "queries": None}
+
+
+def _draw_length(recipe: Recipe, rng: random.Random, step: int = 0) -> int:
+    """The curriculum: a length uniform up to the training length (``ramp_steps``: up to a limit
+    that grows linearly from ``min_length`` to the training length over those first steps)."""
     if recipe.task == "recall":
         return rng.randint(recipe.min_length, recipe.train_length)
-    steps = (recipe.train_length - recipe.min_length) // recipe.length_step
+    top = recipe.train_length
+    ramp = recipe.extra.get("ramp_steps", 0)
+    if ramp and step < ramp:
+        top = recipe.min_length + (recipe.train_length - recipe.min_length) * step / ramp
+    steps = int((top - recipe.min_length) // recipe.length_step)
     return recipe.min_length + recipe.length_step * rng.randint(0, steps)
 
 
@@ -208,7 +233,9 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        input_ids, labels = tasks.make_batch(recipe.task, tokenizer, rng, _draw_length(recipe, rng), recipe.batch_size)
+        length = _draw_length(recipe, rng, step)
+        input_ids, labels = tasks.make_batch(recipe.task, tokenizer, rng, length, recipe.batch_size,
+                                             **_batch_kwargs(recipe, rng, length))
         logits = model(input_ids=input_ids).logits
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten())
         optimizer.zero_grad(set_to_none=True)
@@ -262,7 +289,8 @@ def _quick_eval(model, tokenizer, recipe: Recipe, seed: int) -> float:
     model.eval()
     rng = random.Random(10_000_019 + seed)
     with torch.no_grad():
-        input_ids, labels = tasks.make_batch(recipe.task, tokenizer, rng, recipe.train_length, recipe.eval_n)
+        kwargs = {"num_needles": recipe.extra["max_needles"]} if recipe.task == "needles" else {}
+        input_ids, labels = tasks.make_batch(recipe.task, tokenizer, rng, recipe.train_length, recipe.eval_n, **kwargs)
         acc = tasks.accuracy_from_logits(model(input_ids=input_ids).logits.float(), input_ids, labels)
     model.train()
     return acc
@@ -271,7 +299,8 @@ def _quick_eval(model, tokenizer, recipe: Recipe, seed: int) -> float:
 
 
 EVAL_SEED = 777
-EVAL_LENGTHS = {"recall": [2, 4, 8, 12, 16, 24, 32], "passkey": [64, 128, 256, 512, 1024, 2048]}
+EVAL_LENGTHS = {"recall": [2, 4, 8, 12, 16, 24, 32], "passkey": [64, 128, 256, 512, 1024, 2048],
+                "needles": [64, 128, 256, 512, 1024, 2048, 4096]}  # needles: prompt tokens (haystack + 2)
 
 
 def _evaluate_saved(folder: Path, recipe: Recipe, seed: int) -> dict:
@@ -281,6 +310,8 @@ def _evaluate_saved(folder: Path, recipe: Recipe, seed: int) -> dict:
 
     lab = load(str(folder), dtype="float32", device="cpu")
     lab.meta = {**(lab.meta or {}), "train_length": recipe.train_length}
+    if recipe.task == "needles":
+        return _evaluate_needles(lab, recipe)
     n = 200 if recipe.task == "recall" else 100
     table = [tasks.evaluate(lab, recipe.task, length=length, n=n, seed=EVAL_SEED, batch_size=25)
              for length in EVAL_LENGTHS[recipe.task]]
@@ -297,6 +328,32 @@ def _evaluate_saved(folder: Path, recipe: Recipe, seed: int) -> dict:
                                         for length in (256, 2048)]
         result["deltanet_ablation"] = [passkey.deltanet_ablation(lab, length=length, n=100, seed=EVAL_SEED)
                                        for length in (256, 2048)]
+    return result
+
+
+def _evaluate_needles(lab, recipe: Recipe) -> dict:
+    """The card's numbers for a needles organism: accuracy against length with the default RoPE and with
+    YaRN (factor 8, original = the training length), the causal controls, the attention at the question."""
+    from .. import longctx
+    from . import needles
+
+    L = recipe.train_length
+    hay = lambda tokens: tokens - 2  # noqa: E731 - a prompt is the haystack, "?" and the asked key
+    result: dict = {"seed": EVAL_SEED, "n": 200}
+    result["by_length"] = [needles.accuracy(lab, hay(x), n=200, seed=EVAL_SEED) for x in EVAL_LENGTHS["needles"]]
+    result["controls"] = {
+        "attention_ablation": [needles.attention_ablation(lab, hay(x), n=200, seed=EVAL_SEED) for x in (L, 8 * L)],
+        "deltanet_ablation": [needles.deltanet_ablation(lab, hay(x), n=200, seed=EVAL_SEED) for x in (L, 8 * L)],
+    }
+    result["attention"] = {"default": [needles.attention_at_question(lab, hay(x), n=50, seed=EVAL_SEED)
+                                       for x in (L, 8 * L)]}
+    rope = longctx.yarn_for_context(8 * L, original=L)
+    longctx.set_rope(lab, rope)
+    result["yarn_x8"] = {"rope": rope,
+                         "by_length": [needles.accuracy(lab, hay(x), n=200, seed=EVAL_SEED) for x in (L, 8 * L)]}
+    result["attention"]["yarn x8"] = [needles.attention_at_question(lab, hay(x), n=50, seed=EVAL_SEED)
+                                      for x in (L, 8 * L)]
+    longctx.set_rope(lab, None)
     return result
 
 
@@ -323,6 +380,8 @@ def _plot_curve(path: Path, recipe: Recipe, log: list[dict]) -> None:
 
 def _example_text(task: str) -> str:
     rng = random.Random(1)
+    if task == "needles":
+        return tasks.needles_example(rng, 40, 4, queries=None).text
     return tasks.recall_example(rng, 4).text if task == "recall" else tasks.passkey_example(rng, 24).text
 
 
@@ -334,7 +393,9 @@ def card(recipe: Recipe, meta: dict, log: list[dict]) -> str:
               f"in {meta['train_seconds']:.0f} s ({meta['steps']} steps, stopped by {meta['stopped']}) on one CPU "
               f"thread, torch {meta['torch']}. Load it with `qwen35_lab.load({recipe.name!r})`.", ""]
     lines += ["## Task and prompt format", ""]
-    if recipe.task == "recall":
+    if recipe.task == "needles":
+        lines += _needles_task_lines(recipe)
+    elif recipe.task == "recall":
         lines += [
             "Multi-query associative recall. `N` distinct keys (`k0`–`k63`) are each paired with a value",
             "(`v0`–`v63`); after `?` every key is asked again, in a shuffled order, and followed by its value.",
@@ -378,7 +439,8 @@ def card(recipe: Recipe, meta: dict, log: list[dict]) -> str:
               f"{c.warmup_steps} warm-up steps, cosine over {c.max_steps} steps), batch {c.batch_size}, "
               "grad clip 1, fp32. Curriculum: each batch draws its length "
               f"uniformly in [{c.min_length}, {c.train_length}]"
-              + (f" (steps of {c.length_step} tokens; the needle at a uniformly random depth)" if c.task == "passkey" else " pairs")
+              + {"passkey": f" (steps of {c.length_step} tokens; the needle at a uniformly random depth)",
+                 "needles": f" haystack tokens (steps of {c.length_step}; see above)"}.get(c.task, " pairs")
               + ". Decay init of the Gated DeltaNet paper: `A ~ U(1, 16)`, `dt` log-uniform in [1e-3, 0.1], "
               "`dt_bias = softplus⁻¹(dt)` (HF's default init makes most heads forget almost every step). "
               f"Training stops when the held-out accuracy at the training length reaches {c.target_accuracy:g}"
@@ -391,6 +453,8 @@ def card(recipe: Recipe, meta: dict, log: list[dict]) -> str:
     lines += ["", "The full log is `train_log.jsonl`.", "", "## Evaluation", "",
               f"`qwen35_lab.organisms.evaluate(lab, {c.task!r}, length=L, n=..., seed={ev['seed']})` on the saved "
               "bf16 weights (loaded in fp32), fresh data:", ""]
+    if c.task == "needles":
+        return "\n".join(lines[:-4] + _needles_card_lines(c, meta) + _reproduce_lines(recipe, meta))
     unit = "pairs" if c.task == "recall" else "filler tokens"
     lines += [f"| length ({unit}) | accuracy | answers scored |", "|---:|---:|---:|"]
     lines += [f"| {r['length']}{' (training)' if r['length'] == c.train_length else ''} | {r['accuracy']:.3f} | {r['answers']} |"
@@ -438,13 +502,89 @@ def card(recipe: Recipe, meta: dict, log: list[dict]) -> str:
             lines += ["", "The attention layer does the retrieval: without it the answer is lost."]
         else:
             lines += ["", "Either layer alone carries the key: the organism has two routes to the answer."]
-    lines += ["", "## Reproduce", "", "```",
-              f"python -m qwen35_lab.organisms train {recipe.name} --seed {meta['seed']}",
-              f"python -m qwen35_lab.organisms evaluate {recipe.name} --length {c.train_length}", "```", "",
-              "Data come from `random.Random(seed)` in this process and initialisation from `torch.manual_seed(seed)`; "
-              "deterministic algorithms are on, so a run repeats on one machine (other CPUs or torch versions may "
-              "differ in the last bits and so in the exact step count).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _reproduce_lines(recipe, meta))
+
+
+def _reproduce_lines(recipe: Recipe, meta: dict) -> list[str]:
+    return ["", "## Reproduce", "", "```",
+            f"python -m qwen35_lab.organisms train {recipe.name} --seed {meta['seed']}",
+            f"python -m qwen35_lab.organisms evaluate {recipe.name} --length {recipe.train_length}", "```", "",
+            "Data come from `random.Random(seed)` in this process and initialisation from `torch.manual_seed(seed)`; "
+            "deterministic algorithms are on, so a run repeats on one machine (other CPUs or torch versions may "
+            "differ in the last bits and so in the exact step count).", ""]
+
+
+def _needles_task_lines(recipe: Recipe) -> list[str]:
+    ex = recipe.extra
+    return [
+        f"Many key → value needles in a haystack of filler sentences, one of them asked at the end. A needle is a",
+        "value word followed by its key (`v7 k12`); keys are distinct (`k0`–`k63`), values `v0`–`v63`. After `?`",
+        "the keys are asked, each followed by its value. Plain text, no chat template:", "",
+        "```", _example_text("needles"), "```", "",
+        f"`length` counts the haystack tokens (filler + 2 per needle). Training: haystacks of {recipe.min_length}–"
+        f"{recipe.train_length} tokens (the upper limit grows linearly to {recipe.train_length} over the first "
+        f"{ex.get('ramp_steps', 0)} steps), {ex['min_needles']}–{ex['max_needles']} needles (at most one per 4 "
+        "tokens), every key asked (loss on the values after `?` only). Evaluation: 16 needles, **one** query, "
+        "the prompt ends at `? kX` and the answer is the next token (chance 1/64). `evaluate(lab, 'needles', "
+        "length=L)` and `qwen35_lab.organisms.needles.accuracy(lab, L, depth=...)` build prompts of any length.",
+        "",
+        "Why this task: the final `kX` can find the earlier `kX` by its own identity and read the value that",
+        "the token before it left there — an attention look-up — while the Gated DeltaNet heads, with 8-dim",
+        "keys, cannot hold 16 associations in their state. The look-up then depends on the attention layer and",
+        "so on its RoPE, unlike `passkey`, whose single key is carried by the position-free DeltaNet state.",
+    ]
+
+
+def _fmt_ci(r: dict, key: str = "accuracy", ci: str = "ci95") -> str:
+    lo, hi = r[ci]
+    return f"{r[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _needles_card_lines(c: Recipe, meta: dict) -> list[str]:
+    ev = meta["evaluation"]
+    L = c.train_length
+    lines = ["## Evaluation", "",
+             f"`qwen35_lab.organisms.needles.accuracy(lab, L, n=200, seed={ev['seed']})` on the saved bf16 weights "
+             "(loaded in fp32), fresh data, 16 needles, one query; accuracy with its 95% Wilson interval:", "",
+             "| prompt tokens | × training | default RoPE | YaRN ×8 (original " + f"{L}) |", "|---:|---:|---:|---:|"]
+    yarn = {r["tokens"]: r for r in ev["yarn_x8"]["by_length"]}
+    for r in ev["by_length"]:
+        y = yarn.get(r["tokens"])
+        lines.append(f"| {r['tokens']} | {r['tokens'] / L:g} | {_fmt_ci(r)} | {_fmt_ci(y) if y else ''} |")
+    ctl = ev["controls"]
+    lines += ["", "## The look-up goes through the attention layer (causal controls)", "",
+              "`needles.attention_ablation` zeroes the attention layer's output (`layers.3.attn.out`); "
+              "`needles.deltanet_ablation` sets `β = 0` in every Gated DeltaNet layer (nothing is written to "
+              "their states). Same prompts, n = 200, default RoPE:", "",
+              "| prompt tokens | unedited | attention output = 0 | DeltaNet β = 0 |", "|---:|---:|---:|---:|"]
+    for at, dn in zip(ctl["attention_ablation"], ctl["deltanet_ablation"]):
+        lines.append(f"| {at['length'] + 2} | {_fmt_ci(at)} | {_fmt_ci(at, 'ablated_accuracy', 'ablated_ci95')} | "
+                     f"{_fmt_ci(dn, 'ablated_accuracy', 'ablated_ci95')} |")
+    at, dn = ctl["attention_ablation"][0], ctl["deltanet_ablation"][0]
+    lost = lambda r: r["ablated_ci95"][1] < 0.1  # noqa: E731 - the ablated accuracy is near chance
+    verdict = ("The organism does not solve the task at the training length, so the controls say nothing."
+               if at["accuracy"] < 0.5 else
+               "Without the attention output the answer is lost (near chance, 1/64 = 0.016): the look-up goes "
+               "through the attention layer." if lost(at) else
+               "Silencing the attention layer does not remove the answer: part of the look-up runs elsewhere.")
+    verdict += "" if at["accuracy"] < 0.5 else (" Without DeltaNet writes it is lost too: those layers carry each value to the key token after it "
+                "(the short convolution and a fast-decaying state), which is what the attention layer reads there."
+                if lost(dn) else " With no DeltaNet writes the answer survives in part.")
+    lines += ["", verdict, "",
+              "## What the attention layer does at the question", "",
+              "`needles.attention_at_question(lab, L, n=50)`: at the final `kX`, the attention probability on "
+              "the asked needle's two tokens (best head), and that head's entropy and mean distance "
+              "(`layers.3.attn.summary`):", "",
+              "| RoPE | prompt tokens | mass on the needle | entropy (nats; uniform) | mean distance | head |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for name, rows in ev["attention"].items():
+        for r in rows:
+            lines.append(f"| {name} | {r['tokens']} | {r['needle_mass']:.3f} | {r['entropy']:.2f} "
+                         f"({r['uniform_entropy']:.2f}) | {r['mean_distance']:.0f} | {r['head']} |")
+    lines += ["", "The full experiment (¼× to 16× the training length, YaRN at several factors, linear and "
+              "dynamic NTK, the short-input penalty, heatmaps) is `benchmarks/long_context_experiments.py`, "
+              "its results `benchmarks/results/long_context_experiments.json`, and notebook 06 reads them."]
+    return lines
 
 
 def rewrite_card(folder: str | Path) -> Path:

@@ -1,0 +1,152 @@
+"""How the ``needles`` organism finds a value among many needles: the attention layer looks it up.
+
+A prompt hides ``N`` needles ``v7 k12`` (value, then key) in filler and asks
+``? k12``; the answer is ``v7``. Helpers here build such prompts at any length
+and needle depth, score them (one answer per prompt, with a 95% Wilson
+interval), look at what the attention layer does at the question
+(:func:`attention_at_question`: mass on the target needle, entropy, mean
+distance) and run the causal controls: the attention layer's output zeroed
+(:func:`attention_ablation`) or nothing written to any Gated DeltaNet state
+(``β = 0``, :func:`deltanet_ablation`).
+
+Every function takes a Lab of a needles organism (``ql.load("needles")``);
+the RoPE in use is whatever the model has (``longctx.set_rope`` changes it).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from ..checks import BadType, BadValue, check_float, check_int
+from . import tasks
+
+__all__ = ["Prompts", "prompts", "accuracy", "attention_at_question", "attention_ablation", "deltanet_ablation"]
+
+
+class Prompts:
+    """``n`` needles prompts of one length: ``ids`` [n, T] (without the answer), ``answers`` [n] (token ids),
+    ``key_pos`` / ``value_pos`` [n] (where the target needle's key and value tokens sit)."""
+
+    def __init__(self, ids, answers, key_pos, value_pos, length: int, depth):
+        self.ids, self.answers, self.key_pos, self.value_pos = ids, answers, key_pos, value_pos
+        self.length, self.depth = length, depth
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def _check_lab(lab) -> None:
+    if not hasattr(lab, "model") or not hasattr(lab, "tokenizer"):
+        raise BadType(f"expected a Lab of a needles organism (qwen35_lab.load('needles')), got {type(lab).__name__}")
+    vocab = lab.tokenizer.get_vocab()
+    missing = [w for w in tasks.vocabulary("needles") if w not in vocab]
+    if missing:
+        raise BadValue(f"{getattr(lab, 'name', 'this model')!r} lacks the needles vocabulary (e.g. {missing[:3]}); "
+                       f"these helpers need a needles organism (qwen35_lab.load('needles'))")
+
+
+def prompts(lab, length: int, n: int, seed: int, depth: float | None = None,
+            num_needles: int = tasks.NEEDLES_DEFAULT) -> Prompts:
+    """``n`` fresh prompts with a haystack of ``length`` tokens; the asked needle at ``depth`` (random if None)."""
+    _check_lab(lab)
+    num_needles = check_int("num_needles", num_needles, lo=1, hi=tasks.NEEDLES_MAX)
+    length = check_int("length", length, lo=2 * num_needles)
+    n = check_int("n", n, lo=1)
+    if depth is not None:
+        depth = check_float("depth", depth, lo=0.0, hi=1.0)
+    rng = random.Random(seed)
+    examples = [tasks.needles_example(rng, length, num_needles, depth=depth) for _ in range(n)]
+    vocab = lab.tokenizer.get_vocab()
+    ids = torch.tensor([[vocab[w] for w in ex.words[:-1]] for ex in examples])  # [n, T]
+    answers = torch.tensor([vocab[ex.answers[0]] for ex in examples])
+    key_pos = torch.tensor([ex.words.index(ex.words[-2]) for ex in examples])  # first occurrence of the asked key
+    return Prompts(ids, answers, key_pos, key_pos - 1, length, depth)
+
+
+def _logits_last(lab, ids: torch.Tensor, edits=None, batch_size: int = 50) -> torch.Tensor:
+    """Logits at the last position ``[n, vocab]`` (fp32), in batches."""
+    out = []
+    for b0 in range(0, ids.shape[0], batch_size):
+        chunk = ids[b0:b0 + batch_size]
+        if edits:
+            out.append(lab.run(chunk, edits=edits).meta["last_logits"])
+        else:
+            with torch.no_grad():
+                out.append(lab.model(input_ids=chunk.to(lab.device), logits_to_keep=1).logits[:, -1].float().cpu())
+    return torch.cat(out)
+
+
+def accuracy(lab, length: int, *, n: int = 200, seed: int = 12345, depth: float | None = None,
+             num_needles: int = tasks.NEEDLES_DEFAULT, edits=None, batch_size: int = 50) -> dict:
+    """Fraction of ``n`` fresh prompts answered right (argmax at ``?  kX``), with its 95% Wilson interval.
+
+    Returns ``{"accuracy", "correct", "n", "ci95", "answer_nll", "length", "tokens", "depth"}``
+    (``answer_nll``: mean ``-log p(answer)`` in nats, more sensitive than accuracy to small changes).
+    """
+    p = prompts(lab, length, n, seed, depth, num_needles)
+    batch_size = check_int("batch_size", batch_size, lo=1)
+    logits = _logits_last(lab, p.ids, edits, batch_size).double()  # [n, vocab]
+    correct = int((logits.argmax(-1) == p.answers).sum())
+    nll = float(-logits.log_softmax(-1).gather(-1, p.answers[:, None]).mean())
+    return {"accuracy": correct / n, "correct": correct, "n": n, "ci95": list(tasks.wilson_interval(correct, n)),
+            "answer_nll": nll, "length": length, "tokens": int(p.ids.shape[1]), "depth": depth}
+
+
+def _attention_layer(lab) -> int:
+    full = [i for i, kind in enumerate(lab.layer_types) if kind == "full_attention"]
+    if not full:
+        raise BadValue(f"{lab.name!r} has no full_attention layer")
+    return full[-1]
+
+
+def attention_at_question(lab, length: int, *, n: int = 50, seed: int = 2024, batch_size: int = 25) -> dict:
+    """What the attention layer does at the final query key (``? kX``), averaged over ``n`` prompts.
+
+    ``needle_mass``: probability on the target needle's two tokens (its value and key), best head
+    and per head; ``entropy`` (nats), ``max_prob``, ``mean_distance`` (tokens) of the best head's
+    distribution (``layers.i.attn.summary``); ``accuracy`` of the same prompts.
+    """
+    layer = _attention_layer(lab)
+    p = prompts(lab, length, n, seed)
+    T = p.ids.shape[1]
+    mass, summaries, correct = [], {}, 0
+    for b0 in range(0, n, batch_size):
+        sl = slice(b0, b0 + batch_size)
+        tr = lab.run(p.ids[sl], capture=[f"layers.{layer}.attn.probs", f"layers.{layer}.attn.summary"],
+                     positions=[T - 1])
+        probs = tr[f"layers.{layer}.attn.probs"][:, :, -1].float()  # [b, Hq, T]
+        rows = torch.arange(probs.shape[0])
+        mass.append(probs[rows, :, p.key_pos[sl]] + probs[rows, :, p.value_pos[sl]])  # [b, Hq]
+        for k, v in tr[f"layers.{layer}.attn.summary"].items():
+            summaries.setdefault(k, []).append(v[:, :, -1].float())  # [b, Hq]
+        correct += int((tr.meta["last_logits"].argmax(-1) == p.answers[sl]).sum())
+    per_head = torch.cat(mass).mean(0)  # [Hq]
+    head = int(per_head.argmax())
+    summary = {k: torch.cat(v)[:, head].mean().item() for k, v in summaries.items()}
+    return {"length": length, "tokens": T, "n": n, "layer": layer, "head": head,
+            "needle_mass": per_head[head].item(), "needle_mass_per_head": per_head.tolist(), **summary,
+            "uniform_entropy": float(torch.log(torch.tensor(float(T)))), "accuracy": correct / n}
+
+
+def attention_ablation(lab, length: int, *, n: int = 200, seed: int = 2024) -> dict:
+    """Accuracy with the attention layer's output zeroed (``layers.i.attn.out = 0``), beside the unedited one."""
+    layer = _attention_layer(lab)
+    return _ablation(lab, {f"layers.{layer}.attn.out": 0.0}, length, n, seed) | {"layer": layer}
+
+
+def deltanet_ablation(lab, length: int, *, n: int = 200, seed: int = 2024) -> dict:
+    """Accuracy with ``β = 0`` (nothing written to the state) in every Gated DeltaNet layer."""
+    linear = [i for i, kind in enumerate(lab.layer_types) if kind == "linear_attention"]
+    if not linear:
+        raise BadValue(f"{lab.name!r} has no linear_attention layer")
+    return _ablation(lab, {f"layers.{i}.deltanet.beta": 0.0 for i in linear}, length, n, seed) | {"layers": linear}
+
+
+def _ablation(lab, edits: dict, length: int, n: int, seed: int) -> dict:
+    base = accuracy(lab, length, n=n, seed=seed)
+    cut = accuracy(lab, length, n=n, seed=seed, edits=edits)
+    return {"length": length, "n": n, "accuracy": base["accuracy"], "ci95": base["ci95"],
+            "ablated_accuracy": cut["accuracy"], "ablated_ci95": cut["ci95"],
+            "chance": 1.0 / tasks.RECALL_NUM_VALUES, "edits": sorted(edits)}
