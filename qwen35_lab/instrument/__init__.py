@@ -13,6 +13,7 @@ from .edits import Edit, as_edit, patch, replace, scale, zero
 from .memory import (MemoryEdit, MemoryVector, StateContributions, erase_memory, key_from, key_of, value_from,
                      write_memory)
 from .modules import instrument, is_instrumented, uninstrument
+from .moe import RoutingEdit, check_moe_edit, force_experts, remove_experts
 from .probes import READ_ONLY, parse, probe_names, select
 from .session import Session
 from .trace import Trace
@@ -22,7 +23,7 @@ __all__ = [
     "Edit", "Session", "Trace", "estimate_capture_bytes", "instrument", "is_instrumented", "patch",
     "plan", "probe_names", "replace", "scale", "uninstrument", "zero",
     "MemoryEdit", "MemoryVector", "StateContributions", "erase_memory", "key_from", "key_of", "value_from",
-    "write_memory",
+    "write_memory", "RoutingEdit", "force_experts", "remove_experts",
 ]
 
 
@@ -43,6 +44,8 @@ def plan(config, capture, edits) -> tuple[list[str], dict[str, Edit]]:
                                  + ("edit 'attn.probs' instead of the summary" if kind == "attn.summary"
                                     else "edit the inputs of the conv instead"))
             resolved[name] = as_edit(name, spec)
+            if kind.startswith("moe.") or isinstance(spec, RoutingEdit):
+                check_moe_edit(name, kind, resolved[name], text)  # expert indices, top-k, shapes: before running
             if isinstance(spec, MemoryEdit):
                 spec.validate(name, text)  # key / value sizes, heads, the layer's type: before running
     return names, resolved
@@ -97,6 +100,11 @@ def estimate_capture_bytes(config, names: list[str], *, batch: int, length: int,
         "attn.gate": P * h(Hq) * Dh, "attn.probs": P * h(Hq) * T, "attn.summary": 4 * P * h(Hq),
         "attn.out": P * D,
     }
+    if getattr(t, "num_experts", 0) and hasattr(t, "num_experts_per_tok"):  # MoE: ids are int64 (2 values)
+        E, k = t.num_experts, t.num_experts_per_tok
+        per.update({"moe.router_logits": P * E, "moe.topk_ids": P * k * 8 // dtype_bytes,
+                    "moe.topk_weights": P * k, "moe.shared_gate": P, "moe.shared_out": P * D,
+                    "moe.routed_out": P * D, "moe.expert_out": P * k * D})
     out = {}
     for name in names:
         kind = parse(name)[1]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers.integrations.accelerate import force_accelerate_hooks
 from transformers.models.qwen3_5 import modeling_qwen3_5 as hf
+from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as hf_moe
 
 from .. import ops
 from ..ops import attention as attention_ops
@@ -47,11 +48,13 @@ def _session(module):
 class InstrumentedGatedDeltaNet(hf.Qwen3_5GatedDeltaNet):
     """Gated DeltaNet with probes ``layers.i.deltanet.{q,k,v,beta,g,z,o,state,conv_state,out}``."""
 
+    _hf_cls = hf.Qwen3_5GatedDeltaNet  # whose forward runs when nothing is wanted (MoE models: their copy)
+
     def forward(self, hidden_states, cache_params=None, attention_mask=None, **kwargs):
         s = _session(self)
         if s is None or not s.wants_layer(self.layer_idx):
-            return hf.Qwen3_5GatedDeltaNet.forward(self, hidden_states, cache_params=cache_params,
-                                                   attention_mask=attention_mask, **kwargs)
+            return self._hf_cls.forward(self, hidden_states, cache_params=cache_params,
+                                        attention_mask=attention_mask, **kwargs)
         s.ran_instrumented.add("deltanet")
         return self._probed_forward(s, hidden_states, cache_params, attention_mask, **kwargs)
 
@@ -191,11 +194,13 @@ def _key_padding(attention_mask, batch: int, keys: int, device):
 class InstrumentedAttention(hf.Qwen3_5Attention):
     """Gated attention with probes ``layers.i.attn.{q,k,v,gate,probs,summary,out}``."""
 
+    _hf_cls = hf.Qwen3_5Attention
+
     def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
         s = _session(self)
         if s is None or not s.wants_layer(self.layer_idx):
-            return hf.Qwen3_5Attention.forward(self, hidden_states, position_embeddings, attention_mask,
-                                               past_key_values=past_key_values, **kwargs)
+            return self._hf_cls.forward(self, hidden_states, position_embeddings, attention_mask,
+                                        past_key_values=past_key_values, **kwargs)
         s.ran_instrumented.add("attn")
         return self._probed_forward(s, hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
 
@@ -268,14 +273,16 @@ class InstrumentedAttention(hf.Qwen3_5Attention):
 class InstrumentedDecoderLayer(hf.Qwen3_5DecoderLayer):
     """Decoder layer with probes ``layers.i.{resid_pre,resid_mid,mlp_out,resid_post}``."""
 
+    _hf_cls = hf.Qwen3_5DecoderLayer
+
     def forward(self, hidden_states, position_embeddings, attention_mask=None, position_ids=None,
                 past_key_values=None, **kwargs):
         s = _session(self)
         i = self.__dict__["_ql_layer"]
         if s is None or not any(s.wants(f"layers.{i}.{n}") for n in ("resid_pre", "resid_mid", "mlp_out", "resid_post")):
-            return hf.Qwen3_5DecoderLayer.forward(self, hidden_states, position_embeddings,
-                                                  attention_mask=attention_mask, position_ids=position_ids,
-                                                  past_key_values=past_key_values, **kwargs)
+            return self._hf_cls.forward(self, hidden_states, position_embeddings,
+                                        attention_mask=attention_mask, position_ids=position_ids,
+                                        past_key_values=past_key_values, **kwargs)
         s.ran_instrumented.add("layer")
         p = f"layers.{i}."
         hidden_states = s.point(p + "resid_pre", hidden_states)
@@ -294,11 +301,36 @@ class InstrumentedDecoderLayer(hf.Qwen3_5DecoderLayer):
         return s.point(p + "resid_post", residual + hidden_states)
 
 
+# ------------------------------------------------------------------ MoE (qwen3_5_moe)
+# transformers' qwen3_5_moe module holds its own copies of the DeltaNet, attention and decoder layer
+# (identical code). Their drop-ins are the same instrumented classes, based on the MoE copy, so that
+# the class swap keeps the module's HF type and the uninstrumented path runs the MoE copy's forward.
+class InstrumentedMoeGatedDeltaNet(InstrumentedGatedDeltaNet, hf_moe.Qwen3_5MoeGatedDeltaNet):
+    _hf_cls = hf_moe.Qwen3_5MoeGatedDeltaNet
+
+
+class InstrumentedMoeAttention(InstrumentedAttention, hf_moe.Qwen3_5MoeAttention):
+    _hf_cls = hf_moe.Qwen3_5MoeAttention
+
+
+class InstrumentedMoeDecoderLayer(InstrumentedDecoderLayer, hf_moe.Qwen3_5MoeDecoderLayer):
+    _hf_cls = hf_moe.Qwen3_5MoeDecoderLayer
+
+
 # ---------------------------------------------------------------------- install
+def _moe_block_class():
+    from .moe import InstrumentedSparseMoeBlock
+
+    return InstrumentedSparseMoeBlock
+
+
 _SWAPS = {
     hf.Qwen3_5DecoderLayer: InstrumentedDecoderLayer,
     hf.Qwen3_5GatedDeltaNet: InstrumentedGatedDeltaNet,
     hf.Qwen3_5Attention: InstrumentedAttention,
+    hf_moe.Qwen3_5MoeDecoderLayer: InstrumentedMoeDecoderLayer,
+    hf_moe.Qwen3_5MoeGatedDeltaNet: InstrumentedMoeGatedDeltaNet,
+    hf_moe.Qwen3_5MoeAttention: InstrumentedMoeAttention,
 }
 
 
@@ -369,16 +401,19 @@ def instrument(model) -> Hub:
         return model.__dict__["_ql_hub"]
     hub = Hub(model)
     found = 0
+    swaps = {**_SWAPS, hf_moe.Qwen3_5MoeSparseMoeBlock: _moe_block_class()}
     for name, module in model.named_modules():
         cls = type(module)
-        if cls in _SWAPS:
-            if cls is hf.Qwen3_5DecoderLayer:
+        if cls in swaps:
+            if cls in (hf.Qwen3_5DecoderLayer, hf_moe.Qwen3_5MoeDecoderLayer):
                 module.__dict__["_ql_layer"] = int(name.rsplit(".", 1)[-1])
-            _swap(hub, module, _SWAPS[cls])
+            elif cls is hf_moe.Qwen3_5MoeSparseMoeBlock:  # "...layers.{i}.mlp"
+                module.__dict__["_ql_layer"] = int(name.rsplit(".", 2)[-2])
+            _swap(hub, module, swaps[cls])
             found += 1
     if not found:
         raise BadType(f"{type(model).__name__} has no Qwen3.5 layers to instrument; instrument() takes a "
-                        "Qwen3_5ForConditionalGeneration or Qwen3_5ForCausalLM")
+                        "Qwen3_5(Moe)ForConditionalGeneration or Qwen3_5(Moe)ForCausalLM")
     model.__dict__["_ql_hub"] = hub
 
     def attach(module, hook, pre=False):

@@ -31,6 +31,15 @@ name                               shape               meaning
 ``layers.i.attn.summary``          ``dict of [B,Hq,T]`` per head and query: ``entropy`` (nats), ``max_prob``, ``sink_mass``
                                                        (on token 0) and ``mean_distance`` (tokens), computed blockwise
 ``layers.i.attn.out``              ``[B, T, D]``       the layer's token-mixer output (after ``o_proj``)
+``layers.i.moe.router_logits``     ``[B, T, E]``       MoE models: the router's logits ``x Wgᵀ`` before the softmax (an
+                                                       edit re-routes: softmax, top-k, renormalisation recomputed)
+``layers.i.moe.topk_ids``          ``[B, T, k]``       the k experts each token is sent to (int64, by weight)
+``layers.i.moe.topk_weights``      ``[B, T, k]``       their weights: top-k of the fp32 softmax, renormalised to sum 1
+``layers.i.moe.shared_gate``       ``[B, T, 1]``       the shared expert's gate ``sigmoid(shared_expert_gate x)``
+``layers.i.moe.shared_out``        ``[B, T, D]``       the gated shared expert's output
+``layers.i.moe.routed_out``        ``[B, T, D]``       the weighted sum of the routed experts' outputs
+``layers.i.moe.expert_out``        ``[B, T, k, D]``    on request: each chosen expert's own output (unweighted), in
+                                                       ``topk_ids`` order (read-only)
 ``embed``                          ``[B, T, D]``       token embeddings (before vision features are scattered in)
 ``logits``                         ``[B, T, vocab]``   output logits
 ``visual.blocks.j.out``            ``[N, Dv]``         output of vision block ``j`` (all patches of all images/videos)
@@ -39,7 +48,8 @@ name                               shape               meaning
 
 ``D`` hidden size, ``H``/``HV`` DeltaNet key/value heads, ``K``/``V`` their
 dims, ``Hq``/``Hkv`` attention query/KV heads, ``Tk`` keys seen (cache
-included). Patterns select probes: a glob (``"layers.*.deltanet.beta"``), a
+included), ``E`` routed experts, ``k`` experts per token (MoE models:
+``mlp_out = routed_out + shared_out``). Patterns select probes: a glob (``"layers.*.deltanet.beta"``), a
 list of names or globs, or a callable ``name -> bool``.
 """
 
@@ -51,12 +61,13 @@ from collections.abc import Callable
 
 from ..checks import BadType, BadValue, check_indices
 
-__all__ = ["DELTANET_PROBES", "ATTN_PROBES", "LAYER_PROBES", "LAYOUTS", "probe_names", "select", "parse"]
+__all__ = ["DELTANET_PROBES", "ATTN_PROBES", "LAYER_PROBES", "MOE_PROBES", "LAYOUTS", "probe_names", "select", "parse"]
 
 DELTANET_PROBES = ("q", "k", "v", "beta", "g", "z", "o", "state", "conv_state", "out")
 ATTN_PROBES = ("q", "k", "v", "gate", "probs", "summary", "out")
 LAYER_PROBES = ("resid_pre", "resid_mid", "mlp_out", "resid_post")
-READ_ONLY = {"deltanet.conv_state", "attn.summary"}
+MOE_PROBES = ("router_logits", "topk_ids", "topk_weights", "shared_gate", "shared_out", "routed_out", "expert_out")
+READ_ONLY = {"deltanet.conv_state", "attn.summary", "moe.expert_out"}
 
 # Axis layout of each probe: B batch, T position, H head; trailing axes are free.
 LAYOUTS = {
@@ -66,6 +77,7 @@ LAYOUTS = {
     "deltanet.state": "BH", "deltanet.conv_state": "B",
     "attn.q": "BHT", "attn.k": "BHT", "attn.v": "BHT", "attn.gate": "BTH", "attn.probs": "BHT",
     "attn.summary": "BHT", "attn.out": "BT",
+    **{f"moe.{p}": "BT" for p in MOE_PROBES},
     "embed": "BT", "logits": "BT",
     "visual.out": "", "visual.merger": "",
 }
@@ -77,6 +89,7 @@ _VISUAL_RE = re.compile(r"^visual\.blocks\.(\d+)\.out$")
 def probe_names(config, *, include_visual: bool = True) -> list[str]:
     """Every probe name of a model, in layer order (``config`` is the full or text config)."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    moe = getattr(text, "num_experts", 0) > 0 and hasattr(text, "num_experts_per_tok")  # qwen3_5_moe: every layer
     names = ["embed"]
     for i, kind in enumerate(text.layer_types):
         names += [f"layers.{i}.resid_pre"]
@@ -84,7 +97,10 @@ def probe_names(config, *, include_visual: bool = True) -> list[str]:
             names += [f"layers.{i}.deltanet.{p}" for p in DELTANET_PROBES]
         else:
             names += [f"layers.{i}.attn.{p}" for p in ATTN_PROBES]
-        names += [f"layers.{i}.{p}" for p in ("resid_mid", "mlp_out", "resid_post")]
+        names.append(f"layers.{i}.resid_mid")
+        if moe:
+            names += [f"layers.{i}.moe.{p}" for p in MOE_PROBES]
+        names += [f"layers.{i}.{p}" for p in ("mlp_out", "resid_post")]
     names.append("logits")
     vision = getattr(config, "vision_config", None)
     if include_visual and vision is not None:
@@ -114,6 +130,9 @@ def _explain_unknown(name: str, valid: list[str], layer_types: list[str]) -> str
         if layer >= len(layer_types):
             return (f"unknown probe {name!r}: the model has {len(layer_types)} layers (0–{len(layer_types) - 1})")
         lt = layer_types[layer]
+        if kind.startswith("moe.") and not any(".moe." in n for n in valid):
+            return (f"unknown probe {name!r}: this is a dense model, it has no routed (MoE) layers; router probes "
+                    f"exist in the qwen3_5_moe models (Qwen3.5-35B-A3B, 122B-A10B, 397B-A17B, Qwen3.6-35B-A3B)")
         family = "deltanet" if lt == "linear_attention" else "attn"
         own = [n for n in valid if n.startswith(f"layers.{layer}.")]
         wrong_family = kind.split(".")[0] in ("deltanet", "attn") and not kind.startswith(family)
@@ -153,6 +172,9 @@ def select(pattern, valid: list[str], layer_types: list[str]) -> list[str]:
                 raise BadType(f"probe patterns are strings, lists of strings or callables; got {item!r}")
             if any(c in item for c in "*?["):
                 hits = fnmatch.filter(valid, item)
+                if not hits and ".moe." in item and not any(".moe." in n for n in valid):
+                    raise BadValue(f"probe pattern {item!r} matches no probe: this is a dense model, it has no "
+                                   "routed (MoE) layers")
                 if not hits:
                     raise BadValue(f"probe pattern {item!r} matches no probe; list them with lab.probe_names()")
                 chosen.update(hits)

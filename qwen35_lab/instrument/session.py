@@ -193,7 +193,8 @@ class Session:
             return
         idx = _ix(lay, x.shape, sel, x.device)
         val = (x if idx is None else x[idx]).detach()
-        val = val.to(device=self.device or val.device, dtype=self.dtype or val.dtype, non_blocking=True)
+        dtype = self.dtype if val.is_floating_point() else None  # expert ids stay integers
+        val = val.to(device=self.device or val.device, dtype=dtype or val.dtype, non_blocking=True)
         if idx is None or val.data_ptr() == x.data_ptr():
             val = val.clone()
         self.store[store_name].append(val)
