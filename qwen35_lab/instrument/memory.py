@@ -194,25 +194,37 @@ class MemoryEdit(Edit):
     beta: float = 1.0
     control_seed: int | None = None
     control_match: str = "norm"
+    erase_by: str = "key"
+    control_scale: float = 1.0
 
     def describe(self) -> str:
         what = "write" if self.mode == "write" else "erase"
-        ctrl = (f", random control matching the {self.control_match} (seed {self.control_seed})"
+        ctrl = (f", random control matching the {self.control_match} (seed {self.control_seed}"
+                f"{'' if self.control_scale == 1.0 else f', ×{self.control_scale}'})"
                 if self.control_seed is not None else "")
+        if self.erase_by == "write":
+            return f"erase the writes at {len(self.keys)} key position(s){ctrl}"
         return f"{what} memory ({len(self.keys)} key(s), beta={self.beta}){ctrl}"
 
-    def random_control(self, seed: int = 0, *, match: str = "norm") -> MemoryEdit:
+    def random_control(self, seed: int = 0, *, match: str = "norm", scale: float = 1.0) -> MemoryEdit:
         """The control of this edit, at the same positions, heads and batch items.
 
         ``match="norm"``: the change ``ΔS`` is replaced by a random rank-one ``u wᵀ`` of the same Frobenius
-        norm (``u`` a random unit key, ``w`` a random value direction), per head and batch item.
-        ``match="key"``: the same write / erase with each key replaced by a random unit key.
+        norm (``u`` a random unit key, ``w`` a random value direction), per head and batch item; ``scale``
+        multiplies that norm (a dose-response: how large a random change the head tolerates).
+        ``match="key"``: the same write / erase with each key replaced by a random unit key (for
+        ``erase_memory(..., by="write")``: each removed write ``(β_s u_s) v_sᵀ`` with ``u_s`` replaced by a
+        random direction of the same norm, its value kept; each term keeps its norm, their sum need not).
         """
         seed = check_int("seed", seed, lo=0)
         check_choice("match", match, ("norm", "key"))
+        scale = check_float("scale", scale, lo=0.0)
+        if match == "key" and scale != 1.0:
+            raise BadValue(f"scale={scale} applies to match='norm' (the random rank-one change); match='key' "
+                           "replaces the keys and keeps the edit's own size")
         return MemoryEdit(positions=self.positions, heads=self.heads, batch=self.batch, mode=self.mode,
                           keys=list(self.keys), mem_value=self.mem_value, beta=self.beta, control_seed=seed,
-                          control_match=match)
+                          control_match=match, erase_by=self.erase_by, control_scale=scale)
 
     # -- validation against the model, before running (called by instrument.plan)
     def validate(self, name: str, text_config) -> None:
@@ -253,6 +265,8 @@ class MemoryEdit(Edit):
         """``old`` ``[B', h, K, V]``: the state of the selected batch items and heads after token t."""
         layer = parse(name)[0]
         S = old.float()
+        if self.mode == "erase" and self.erase_by == "write":
+            return self._erase_writes(layer, S, abs_positions).to(old.dtype)
         if self.mode == "erase" and len(self.keys) > 1:
             return self._erase_span(layer, S, abs_positions).to(old.dtype)
         for i, key in enumerate(self.keys):
@@ -267,7 +281,7 @@ class MemoryEdit(Edit):
             else:
                 delta = -k[..., :, None] * read[..., None, :]
             if seed is not None and self.control_match == "norm":
-                delta = _random_like(delta, seed)
+                delta = _random_like(delta, seed) * self.control_scale
             S = S + delta
         return S.to(old.dtype)
 
@@ -280,7 +294,42 @@ class MemoryEdit(Edit):
         Q, _ = torch.linalg.qr(keys)  # [B', h, K, m]
         delta = -Q @ (Q.transpose(-1, -2) @ S)
         if seed is not None and self.control_match == "norm":
-            delta = _random_like(delta, seed)
+            delta = _random_like(delta, seed) * self.control_scale
+        return S + delta
+
+    def _erase_writes(self, layer: int, S: torch.Tensor, abs_positions) -> torch.Tensor:
+        """``S_t ← S_t − Σ_s C_s``: remove what the writes at the keys' positions ``s`` still hold at ``t``.
+
+        ``C_s = (β_s u_s) v_sᵀ`` with ``u_s = M_t⋯M_{s+1} k_s`` (:func:`state_contributions` of the keys'
+        trace, which must be a plain run of the edited input). ``S`` ``[B', h, K, V]``.
+        """
+        if not abs_positions or len(abs_positions) != 1:
+            raise BadValue(f"erase_memory(..., by='write') edits one position (the state holds the writes' "
+                           f"contributions as of that token); this run selects positions {abs_positions}")
+        t = abs_positions[0]
+        trace = self.keys[0].trace
+        Bt = _state_inputs(trace, layer, f"erasing the writes of layer {layer}")["k"].shape[0]
+        per_key = [[k.position] * Bt if isinstance(k.position, int) else list(k.position) for k in self.keys]
+        sel_b = check_indices("batch", self.batch, Bt, what="the keys' trace") or list(range(Bt))
+        if len(sel_b) != S.shape[0]:
+            raise BadValue(f"the keys' trace has {Bt} batch items and the edit selects {S.shape[0]} of the run: "
+                           "by='write' removes the writes of the run itself, one trace item per edited item")
+        late = [p[b] for p in per_key for b in sel_b if p[b] > t]
+        if late:
+            raise BadValue(f"erase_memory(..., by='write') at token {t} cannot remove the write at {late[0]}: it "
+                           f"comes later (erase at a position at or after the write)")
+        since = min(p[b] for p in per_key for b in sel_b)
+        c = state_contributions(trace, layer, t, heads=self.heads, since=since)
+        gen = None if self.control_seed is None else torch.Generator().manual_seed(self.control_seed + t)
+        delta = torch.zeros_like(S)
+        for i, b in enumerate(sel_b):
+            for s in sorted({p[b] for p in per_key}):  # a write named twice is removed once
+                u = c.weighted_keys[b, :, s - since]  # [h, K]: β_s u_s
+                if gen is not None and self.control_match == "key":
+                    u = _l2(torch.randn(u.shape, generator=gen)) * u.norm(dim=-1, keepdim=True)
+                delta[i] -= u[:, :, None] * c.values[b, :, s - since][:, None, :].to(u)
+        if gen is not None and self.control_match == "norm":
+            delta = _random_like(delta, self.control_seed + t) * self.control_scale
         return S + delta
 
     def _vectors(self, x, layer: int, S: torch.Tensor, what: str) -> torch.Tensor:
@@ -363,21 +412,40 @@ def write_memory(key, value, *, beta: float = 1.0, heads=None, positions=None, b
                               beta=beta) for k, v in zip(keys, values)])
 
 
-def erase_memory(key, *, heads=None, positions=None, batch=None) -> MemoryEdit:
+def erase_memory(key, *, heads=None, positions=None, batch=None, by: str = "key") -> MemoryEdit:
     """Remove what the head returns for ``key``: ``S ← S − k̂ (Sᵀk̂)ᵀ`` after each chosen position.
 
     Afterwards ``Sᵀk̂ = 0``; reads with other keys change by ``(q·k̂)`` times what was removed. A list of
     keys erases them all at once: ``S ← (I − Q Qᵀ) S`` with ``Q`` an orthonormal basis of their span, so
     the head returns 0 for every one of them (rank-one erasures in turn would not: each would bring
     back part of the one before when keys overlap). Shapes and selections as :func:`write_memory`.
+
+    ``by="write"``: remove the *writes* the keys name instead of everything stored along their
+    directions. Each key is ``key_from(trace, s)`` of a plain run of the edited input, and the edit
+    (one position ``t``) subtracts what the write at ``s`` still holds at ``t``,
+    ``C_s = M_t⋯M_{s+1} β_s k_s v_sᵀ`` (:func:`state_contributions`): the state becomes what it would
+    be had token ``s`` written nothing, and every other token's contribution stays exactly as it was.
+    Keys of pairs whose conv windows overlap share directions, so projecting one out (``by="key"``)
+    also takes part of its neighbours; removing its writes does not.
     """
+    check_choice("by", by, ("key", "write"))
     keys = _as_key_list(key)
     if not keys:
         raise BadValue("erase_memory needs at least one key")
     for i, k in enumerate(keys):
         _check_vector("key" if len(keys) == 1 else f"key {i}", k)
     positions, heads, batch = _edit_selection(positions, heads, batch)
-    return MemoryEdit(positions=positions, heads=heads, batch=batch, mode="erase", keys=keys)
+    if by == "write":
+        bad = [k for k in keys if not (isinstance(k, MemoryVector) and k.kind == "k")]
+        if bad:
+            raise BadValue("erase_memory(..., by='write') names writes by where they were made: give keys as "
+                           f"key_from(trace, position), not {type(bad[0]).__name__}")
+        if len({id(k.trace) for k in keys}) != 1:
+            raise BadValue("erase_memory(..., by='write') removes writes of one run: give keys of one trace")
+        if positions is None or len(positions) != 1:
+            raise BadValue(f"erase_memory(..., by='write') edits one position (the writes' contributions are "
+                           f"those held at that token); got positions={positions}")
+    return MemoryEdit(positions=positions, heads=heads, batch=batch, mode="erase", keys=keys, erase_by=by)
 
 
 class _Chain(MemoryEdit):
@@ -394,8 +462,8 @@ class _Chain(MemoryEdit):
             f", random control matching the {self.parts[0].control_match} (seed {self.parts[0].control_seed})"
             if self.parts[0].control_seed is not None else "")
 
-    def random_control(self, seed: int = 0, *, match: str = "norm") -> MemoryEdit:
-        return _Chain([p.random_control(seed + 7919 * i, match=match) for i, p in enumerate(self.parts)])
+    def random_control(self, seed: int = 0, *, match: str = "norm", scale: float = 1.0) -> MemoryEdit:
+        return _Chain([p.random_control(seed + 7919 * i, match=match, scale=scale) for i, p in enumerate(self.parts)])
 
     def validate(self, name: str, text_config) -> None:
         for p in self.parts:
