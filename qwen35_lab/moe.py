@@ -267,6 +267,7 @@ def plot_router_entropy(trace, layers=None, *, batch: int = 0, ax=None):
         E = _layer(trace, L, "router_logits").shape[-1]
         ax.plot(trace.positions(f"layers.{L}.moe.router_logits")[:h.numel()], h.numpy(), label=f"layer {L}", lw=1)
     ax.axhline(math.log(E), ls="--", color="grey", lw=1, label=f"uniform (log {E})")
+    ax.set_ylim(0, 1.35 * math.log(E))  # room for the legend above the uniform line
     _int_ticks(ax.xaxis)
     ax.set_xlabel("token position")
     ax.set_ylabel("router entropy (nats)")

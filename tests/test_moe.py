@@ -355,3 +355,52 @@ def test_plots_draw(routed, tmp_path):
         ax.figure.savefig(tmp_path / "p.png")
         assert (tmp_path / "p.png").stat().st_size > 1000
         plt.close(ax.figure)
+
+
+def test_generate_captures_routing_and_traces_round_trip(lab, tmp_path):
+    from qwen35_lab.instrument import Trace
+
+    gen = lab.generate("Route me", max_new_tokens=5, seed=0, capture=["layers.0.moe.topk_ids", "layers.0.moe.topk_weights"])
+    tr = gen.trace
+    n = gen.prompt_ids.shape[1] + gen.ids.shape[1] - 1  # the last generated token is not fed back
+    assert tr["layers.0.moe.topk_ids"].shape == (1, n, K) and tr.positions("layers.0.moe.topk_ids") == list(range(n))
+    tr.save(tmp_path / "t")
+    back = Trace.load(tmp_path / "t")
+    assert torch.equal(back["layers.0.moe.topk_ids"], tr["layers.0.moe.topk_ids"])
+    assert back["layers.0.moe.topk_ids"].dtype == torch.int64
+
+
+def test_parity_with_many_experts_and_top8():
+    """The real models route to 8 (or 10) of 256 (512) experts: the same code at E = 64, k = 8."""
+    from transformers import Qwen3_5MoeForCausalLM, Qwen3_5MoeTextConfig
+
+    from qwen35_lab.instrument import Session, instrument, uninstrument
+
+    torch.manual_seed(0)
+    config = Qwen3_5MoeTextConfig(vocab_size=500, hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+                                  num_key_value_heads=1, head_dim=32, linear_num_key_heads=2,
+                                  linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+                                  num_experts=64, num_experts_per_tok=8, moe_intermediate_size=16,
+                                  shared_expert_intermediate_size=32)
+    model = Qwen3_5MoeForCausalLM(config).eval()
+    for layer in model.model.layers:
+        torch.nn.init.normal_(layer.mlp.gate.weight, std=0.5)
+    ids = torch.randint(0, 500, (2, 30))
+    with torch.no_grad():
+        ref = model(input_ids=ids, output_router_logits=True)
+    hub = instrument(model)
+    names = [f"layers.{i}.moe.{p}" for i in range(4) for p in ("router_logits", "topk_ids", "topk_weights")]
+    hub.session = Session(capture=names, edits={})
+    try:
+        with torch.no_grad():
+            got = model(input_ids=ids, output_router_logits=True)
+        store = hub.session.store
+    finally:
+        uninstrument(model)
+    assert (got.logits - ref.logits).abs().max() <= TOL
+    for i in range(4):
+        assert torch.equal(store[f"layers.{i}.moe.router_logits"][0].reshape(-1, 64), got.router_logits[i])
+        assert (got.router_logits[i] - ref.router_logits[i]).abs().max() <= TOL
+        w, top = reference_route(got.router_logits[i], k=8)
+        assert torch.equal(store[f"layers.{i}.moe.topk_ids"][0].reshape(-1, 8), top)
+        assert torch.allclose(store[f"layers.{i}.moe.topk_weights"][0].reshape(-1, 8), w, atol=1e-6)
