@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip install -c constraints/local.txt
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup browser lab test test-fast notebooks clean-venv
+.PHONY: setup browser lab test test-fast notebooks notebooks-run clean-venv
 
 $(STAMP): pyproject.toml constraints/local.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,9 +36,22 @@ browser:
 	  fi; \
 	fi
 
-## Run every test: unit, parity, kernels under the Triton interpreter, notebooks (nbval), the browser.
+## Run every test: unit, parity, kernels under the Triton interpreter, notebooks (nbval), the browser;
+## then execute every notebook with nbconvert (see notebooks-run).
 test: $(STAMP) browser
 	$(PY) -m pytest tests notebooks --nbval-lax -p no:cacheprovider $(PYTEST_ARGS)
+	$(MAKE) notebooks-run
+
+## Execute every notebook non-interactively with nbconvert, as papermill and CI runners do, into a
+## temporary folder (the committed notebooks are left alone), with a per-cell timeout: a stalled cell
+## fails the build instead of hanging it.
+NB_TIMEOUT ?= 300
+notebooks-run: $(STAMP)
+	@out=$$(mktemp -d) && trap 'rm -rf "$$out"' EXIT && for nb in notebooks/*.ipynb; do \
+	  echo "nbconvert --execute $$nb (per-cell timeout $(NB_TIMEOUT) s)"; \
+	  $(VENV)/bin/jupyter nbconvert --to notebook --execute --ExecutePreprocessor.timeout=$(NB_TIMEOUT) \
+	    --output-dir "$$out" "$$nb" || exit 1; \
+	done
 
 test-fast: $(STAMP)
 	$(PY) -m pytest tests -x -q -m "not slow" $(PYTEST_ARGS)

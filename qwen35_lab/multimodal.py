@@ -735,11 +735,9 @@ def vision_budget(lab, image=None, video=None, **options) -> dict:
 # --------------------------------------------------------------------------------------
 
 def _figure(figsize):
-    from matplotlib import pyplot
+    from .viz import _new_figure  # the toolkit's one figure style (width, layout)
 
-    fig = pyplot.figure(figsize=figsize, layout="constrained")
-    pyplot.close(fig)
-    return fig
+    return _new_figure(figsize)
 
 
 def _check_table(info) -> None:
@@ -755,11 +753,15 @@ def plot_frames(info: InputsTable, video: int = 0, *, columns: int = 8):
     if not 0 <= video < len(info.videos):
         raise BadIndex(f"video {video} out of range: the prompt has {len(info.videos)} videos")
     v = info.videos[video]
+    from .viz import DISPLAY_WIDTH, TEXT_PT
+
     n = len(v["frame_indices"])
-    cols = max(1, min(columns, n))
+    fit = max(2, int(DISPLAY_WIDTH // 1.45) // 2 * 2)  # 8-pt titles ('pair 0: <0.2 seconds>') need ~1.4 in
+    cols = max(1, min(columns, n, fit))
     rows = math.ceil(n / cols)
     h, w = v["frames"].shape[1:3]
-    fig = _figure((1.9 * cols, 1.9 * rows * h / w + 0.6 * rows + 0.4))
+    cell = min(1.9, DISPLAY_WIDTH / cols)
+    fig = _figure((cell * cols, cell * rows * h / w + 0.6 * rows + 0.5))
     colors = ("tab:blue", "tab:orange")
     for k in range(n):
         ax = fig.add_subplot(rows, cols, k + 1)
@@ -773,9 +775,9 @@ def plot_frames(info: InputsTable, video: int = 0, *, columns: int = 8):
         title = f"#{v['frame_indices'][k]} · {v['frame_times'][k]:.2f} s"
         if k % 2 == 0:
             title = f"pair {pair}: <{v['timestamps'][pair]:.1f} seconds>\n" + title
-        ax.set_title(title, fontsize=8)
+        ax.set_title(title, fontsize=TEXT_PT["tick"])
     fig.suptitle(f"video {video}: {n} of {v['total_frames']} frames ({v['video_fps']:g} fps) → "
-                 f"{v['grid'][0]} pairs × {v['tokens'] // max(v['grid'][0], 1)} tokens", fontsize=10)
+                 f"{v['grid'][0]} pairs × {v['tokens'] // max(v['grid'][0], 1)} tokens", fontsize=TEXT_PT["title"])
     return fig
 
 
@@ -790,7 +792,9 @@ def plot_patches(info: InputsTable, image: int = 0):
     (H, W), (_, gh, gw) = im["resized"], im["grid"]
     patch = H // gh
     shown = im["image"].resize((W, H), Image.BICUBIC)
-    fig = _figure((4.8, 4.8 * H / W + 0.5))
+    from .viz import TEXT_PT, _title
+
+    fig = _figure((5.2, 5.2 * H / W + 0.9))
     ax = fig.add_subplot()
     ax.imshow(shown, extent=(0, W, H, 0))
     for x in range(0, W + 1, patch):
@@ -799,20 +803,23 @@ def plot_patches(info: InputsTable, image: int = 0):
         ax.axhline(y, color="white", lw=1.2 if y % (2 * patch) == 0 else 0.3, alpha=0.8)
     ax.set_xlim(0, W)
     ax.set_ylim(H, 0)
-    ax.set_title(f"image {image}: {im['size'][1]}×{im['size'][0]} px → resized {W}×{H} → {gh}×{gw} patches of "
-                 f"{patch} px → {im['tokens']} tokens (2×2 merged)", fontsize=9)
-    ax.set_xlabel("x (px)")
-    ax.set_ylabel("y (px)")
+    _title(ax, f"image {image}: {im['size'][1]}×{im['size'][0]} px → resized {W}×{H} → {gh}×{gw} patches of "
+           f"{patch} px → {im['tokens']} tokens (2×2 merged)")
+    ax.tick_params(labelsize=TEXT_PT["tick"])
+    ax.set_xlabel("x (px)", fontsize=TEXT_PT["label"])
+    ax.set_ylabel("y (px)", fontsize=TEXT_PT["label"])
     return fig
 
 
 def mark_segments(ax, source, kinds=("image", "video"), *, labels: bool = True) -> None:
     """Mark the ``kinds`` segments on an axis whose x is the token index (a line plot or a heatmap).
 
-    Each segment gets a light shade and a solid bar along the bottom; each image / video gets
-    dashed lines at its first and last token and its name. ``source``: an :class:`InputsTable`,
-    a segments list or a trace with ``meta["segments"]``.
+    Each segment is a shaded span (drawn over a heatmap too) with dashed lines at each image's /
+    video's first and last token; the names sit above the axes (a top axis), never over the data.
+    ``source``: an :class:`InputsTable`, a segments list or a trace with ``meta["segments"]``.
     """
+    from .viz import TEXT_PT
+
     rows = source.meta.get("segments") if hasattr(source, "meta") else source
     if rows is None:
         raise BadValue("no segments: pass an InputsTable, a segments list, or a trace with meta['segments']")
@@ -822,18 +829,19 @@ def mark_segments(ax, source, kinds=("image", "video"), *, labels: bool = True) 
         if r["kind"] not in kinds:
             continue
         c = colors[r["kind"]]
-        ax.axvspan(r["start"] - 0.5, r["end"] - 0.5, color=c, alpha=0.15, lw=0)
-        ax.axvspan(r["start"] - 0.5, r["end"] - 0.5, ymin=0, ymax=0.035, color=c, lw=0)
+        ax.axvspan(r["start"] - 0.5, r["end"] - 0.5, facecolor=c, alpha=0.22, edgecolor=c, hatch="//", lw=0)
         name = r.get("media", r["kind"])
         span = spans.setdefault(name, [r["start"], r["end"]])
         span[1] = r["end"]
     for name, (start, end) in spans.items():
         c = colors[name.split()[0]] if name.split()[0] in colors else "black"
         for x in (start - 0.5, end - 0.5):
-            ax.axvline(x, color=c, ls="--", lw=1)
-        if labels:
-            ax.text(start, 0.05, name, transform=ax.get_xaxis_transform(), fontsize=7, va="bottom", color=c,
-                    bbox={"facecolor": "white", "alpha": 0.7, "lw": 0, "pad": 1})
+            ax.axvline(x, color=c, ls="--", lw=1.2)
+    if labels and spans:
+        top = ax.secondary_xaxis("top")
+        top.set_xticks([(a + b - 1) / 2 for a, b in spans.values()], list(spans), fontsize=TEXT_PT["tick"])
+        for label, name in zip(top.get_xticklabels(), spans):
+            label.set_color(colors.get(name.split()[0], "black"))
 
 
 def plot_positions(info: InputsTable):
@@ -841,14 +849,18 @@ def plot_positions(info: InputsTable):
     _check_table(info)
     pos = info.position_ids.numpy()  # [3, T]
     T = pos.shape[1]
-    fig = _figure((min(14, max(6, 2 + T / 40)), 3.6))
+    from .viz import TEXT_PT, _plain_numbers
+
+    fig = _figure((min(14, max(6, 2 + T / 40)), 3.8))
     ax = fig.add_subplot()
     x = np.arange(T)
     for a, (name, style) in enumerate(zip("thw", ("-", "--", ":"))):
         ax.step(x, pos[a], where="mid", ls=style, lw=1.4, label=name)
     mark_segments(ax, info)
-    ax.set_xlabel("token index")
-    ax.set_ylabel("position id")
-    ax.set_title(f"M-RoPE positions: {T} tokens, last position {int(pos.max())}", fontsize=10)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.set_xlabel("token index", fontsize=TEXT_PT["label"])
+    ax.set_ylabel("position id", fontsize=TEXT_PT["label"])
+    _plain_numbers(ax, "y")
+    ax.tick_params(labelsize=TEXT_PT["tick"])
+    ax.set_title(f"M-RoPE positions: {T} tokens, last position {int(pos.max())}", fontsize=TEXT_PT["title"])
+    ax.legend(loc="upper left", fontsize=TEXT_PT["tick"])
     return fig

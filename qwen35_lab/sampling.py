@@ -762,7 +762,7 @@ def plot_sweep(rows, *, x: str | None = None, metrics=_METRICS, by: str | None =
     """
     import numpy as np
 
-    from .viz import _new_figure
+    from .viz import _new_figure, _title
 
     df = rows.to_pandas() if hasattr(rows, "to_pandas") else rows
     if not hasattr(df, "groupby"):
@@ -790,26 +790,56 @@ def plot_sweep(rows, *, x: str | None = None, metrics=_METRICS, by: str | None =
     df["_line"] = df[others].astype(str).agg(", ".join, axis=1) if others else "all"
     df["_x"] = df[x].astype(str) if x in ("preset", "enable_thinking") else df[x]
     categorical = df["_x"].dtype == object
-    fig = _new_figure((4.2 * len(metrics), 3.4))
+    fig = _new_figure((max(6.0, 3.6 * len(metrics)), 3.8))
     axes = fig.subplots(1, len(metrics), squeeze=False)[0]
     lines = list(dict.fromkeys(df["_line"]))
     levels = list(dict.fromkeys(df["_x"])) if categorical else sorted(df["_x"].unique())
+    span = (max(levels) - min(levels)) if not categorical and len(levels) > 1 else 1.0
+    markers = "osD^vP*X"
     for ax, metric in zip(axes, metrics):
+        # rates live in [0, 1]: mean ± std is clipped there (a band past the metric's range misleads)
+        bounded = metric in _UNIT_METRICS
+        means, hidden = [], []
         for i, line in enumerate(lines):
             part = df[df["_line"] == line]
             stats = part.groupby("_x")[metric].agg(["mean", "std"]).reindex(levels)
+            means.append(stats["mean"].to_numpy())
+            std = stats["std"].fillna(0).to_numpy()
+            low, high = stats["mean"] - std, stats["mean"] + std
+            if bounded:
+                low, high = low.clip(0, 1), high.clip(0, 1)
+            yerr = np.vstack([stats["mean"] - low, high - stats["mean"]])
             label = f"{', '.join(others)} = {line}" if others else None
             if categorical:
                 width = 0.8 / len(lines)
                 pos = np.arange(len(levels)) + (i - (len(lines) - 1) / 2) * width
-                ax.bar(pos, stats["mean"], width=width, yerr=stats["std"].fillna(0), label=label)
-            else:
-                ax.errorbar(stats.index, stats["mean"], yerr=stats["std"].fillna(0), marker="o", capsize=3,
-                            label=label)
+                ax.bar(pos, stats["mean"], width=width, yerr=yerr, label=label, capsize=2)
+            else:  # lines side by side (a small x offset) with their own marker, so none hides another
+                same = _same_as_earlier(means)
+                dx = (i - (len(lines) - 1) / 2) * 0.012 * span
+                if same is not None:
+                    hidden.append(f"{line} on {lines[same]}")
+                ax.errorbar(np.asarray(stats.index, dtype=float) + dx, stats["mean"], yerr=yerr,
+                            marker=markers[i % len(markers)], ms=5, capsize=3, label=label,
+                            ls="--" if same is not None else "-")
         if categorical:
             ax.set_xticks(range(len(levels)), levels, rotation=30, ha="right", fontsize=8)
-        ax.set_xlabel(x)
-        ax.set_title(metric, fontsize=10)
+        if bounded:
+            ax.set_ylim(-0.03, 1.03)
+        ax.tick_params(labelsize=8)
+        ax.set_xlabel(x, fontsize=9)
+        _title(ax, metric + (f" (equal lines, dashed: {', '.join(others)} = {'; '.join(hidden)})" if hidden else ""))
     if others and len(lines) > 1:
-        axes[-1].legend(fontsize=7)
+        fig.legend(*axes[-1].get_legend_handles_labels(), loc="outside lower center", fontsize=8,
+                   ncols=min(len(lines), 4))
     return fig
+
+
+_UNIT_METRICS = ("distinct_1", "distinct_2", "repetition_rate", "thinking_loop", "finished", "finished_thinking")
+
+
+def _same_as_earlier(series: list):
+    """The index of an earlier series equal to the last one (their lines would coincide), or None."""
+    from .viz import _same_as
+
+    return _same_as(series).get(len(series) - 1)

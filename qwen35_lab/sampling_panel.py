@@ -272,17 +272,18 @@ def _label(piece: str) -> str:
 
 def _figure(stages: dict):
     """One bar chart per stage: probabilities of the same top tokens after each step."""
-    from .viz import _new_figure
+    from .viz import _new_figure, _plain_numbers, _short, _token_fonts
 
     names = list(stages)
-    fig = _new_figure((7.6, 4.6))
+    fig = _new_figure((9.0, 5.6))
     axes = fig.subplots(2, 3).ravel()  # each stage on its own scale: raw probabilities can be tiny
     for ax, name in zip(axes, names):
         st = stages[name]
         ax.bar(range(len(st["probs"])), st["probs"], color="#4c72b0" if name != "top_p" else "#dd8452")
-        ax.set_xticks(range(len(st["tokens"])), st["tokens"], rotation=70, ha="right", fontsize=6)
-        ax.tick_params(axis="y", labelsize=6)
-        ax.set_title(f"{name}: {st['kept']} kept, H={st['entropy']:.2f}", fontsize=8)
-    axes[0].set_ylabel("probability", fontsize=7)
-    axes[3].set_ylabel("probability", fontsize=7)
+        ax.set_xticks(range(len(st["tokens"])), [_short(t, 16) for t in st["tokens"]], rotation=90, fontsize=8,
+                      fontfamily=_token_fonts())  # fallback across the installed fonts
+        _plain_numbers(ax, "y")  # plain tick numbers: no '1e−6' offset text over the title
+        ax.set_title(f"{name}: {st['kept']} kept, H={st['entropy']:.2f}", fontsize=9)
+    axes[0].set_ylabel("probability", fontsize=8)
+    axes[3].set_ylabel("probability", fontsize=8)
     return fig

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import re
+import textwrap
 
 import matplotlib
 import numpy as np
@@ -55,84 +56,206 @@ SUMMARY_KEYS = ("entropy", "max_prob", "sink_mass", "mean_distance")
 _GATE_TEXT = {
     "beta": "β = sigmoid(in_proj_b x): write strength",
     "g": "g: log decay per token (≤ 0)",
-    "decay": "exp(g): fraction of the state kept per token",
+    "decay": "1 − exp(g): share of the state forgotten per token",
 }
-_GATE_STYLE = {"beta": dict(cmap="viridis", vmin=0.0, vmax=1.0),
-               "decay": dict(cmap="magma", vmin=0.0, vmax=1.0),
-               "g": dict(cmap="magma")}
+# what the colour bar of each gate names: exp(g) is ≈ 1 almost everywhere, so the decay plots show what
+# differs, the forgotten share 1 − exp(g), on a log scale (half-life in tokens: ln 2 / −g)
+_GATE_LABEL = {"beta": "β", "g": "g (log decay)", "decay": "1 − exp(g)"}
 
 
-# ----------------------------------------------------------------------------- tokens and axes
+# ----------------------------------------------------------------------------- one style
+# Every plot of the toolkit (viz, widgets, multimodal, longctx, sampling) draws through these helpers, so
+# sizes, colour maps and scales read the same everywhere (fig-viz-style).
 
-_BYTE_DECODER: dict[str, int] | None = None
+DISPLAY_WIDTH = 11.0   # inches: the widest figure, shown at about 1,100 px in a notebook without shrinking
+MIN_TEXT_PT = 8        # the smallest text in any figure, at that width
+TEXT_PT = {"tick": 8, "label": 9, "title": 10, "suptitle": 11}
+SEQUENTIAL = "viridis"  # magnitudes (probabilities, norms, gates, fractions)
+DIVERGING = "RdBu_r"    # signed values, centred on 0 (effective attention, changes)
+_BAD = "white"          # masked cells (the future of a causal map)
 
 
-def token_labels(trace: Trace, positions=None) -> list[str]:
-    """Readable strings of the trace's tokens at ``positions`` (all by default).
+def _new_figure(figsize: tuple[float, float]) -> Figure:
+    """A figure made through pyplot (which sets up notebook display) and closed there at once, so it
+    is shown once, as a cell's value or with ``display(fig)``, and not kept alive by pyplot.
 
-    Byte-level BPE pieces are decoded (``"Ġfox"`` → ``" fox"``), a newline shows as ``↵``;
-    without token strings in the trace, the positions themselves are returned.
+    Never wider than :data:`DISPLAY_WIDTH`: a notebook shrinks wider figures, and their text with them.
     """
-    _check_trace(trace)
-    strings = trace.token_strings
-    if positions is None:
-        positions = range(len(strings) if strings else trace.length)
-    return [_readable(strings[p]) if p < len(strings) else str(p) for p in positions]
+    width, height = figsize
+    fig = pyplot.figure(figsize=(min(float(width), DISPLAY_WIDTH), float(height)), layout="constrained")
+    pyplot.close(fig)
+    return fig
 
 
-def _readable(piece: str) -> str:
-    global _BYTE_DECODER
-    if _BYTE_DECODER is None:
-        from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-        _BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
-    if all(c in _BYTE_DECODER for c in piece):
-        piece = bytes(_BYTE_DECODER[c] for c in piece).decode("utf-8", errors="replace")
-    piece = piece.replace("\n", "↵").replace("\t", "⇥").replace("\r", "␍")
-    piece = piece if piece.strip() else piece.replace(" ", "␣") or "∅"
-    covered = _font_coverage()
-    return "".join(c if ord(c) in covered else c.encode("unicode_escape").decode() for c in piece)
+def _figsize_for_tokens(n_tokens: int, height: float) -> tuple[float, float]:
+    return (min(DISPLAY_WIDTH, max(6.0, 2.5 + 0.16 * n_tokens)), height)
 
 
-_COVERED: set[int] | None = None
+def _cmap(name: str):
+    """A colour map with masked cells drawn blank."""
+    return matplotlib.colormaps[name].with_extremes(bad=_BAD)
 
 
-def _font_coverage() -> set[int]:
-    """Code points the configured matplotlib fonts can draw (others are written as escapes, not boxes)."""
-    global _COVERED
-    if _COVERED is None:
-        from matplotlib import font_manager
-        from matplotlib.ft2font import FT2Font
+def _finite(data) -> np.ndarray:
+    x = np.ma.filled(np.ma.masked_invalid(np.ma.asarray(data, dtype=float)), np.nan)
+    return x[np.isfinite(x)]
 
-        generic = ("sans-serif", "serif", "monospace", "cursive", "fantasy")
-        covered: set[int] = set()
-        for family in matplotlib.rcParams["font.family"]:
-            for name in (matplotlib.rcParams[f"font.{family}"] if family in generic else [family]):
-                try:
-                    path = font_manager.findfont(font_manager.FontProperties(family=name), fallback_to_default=False)
-                except ValueError:
-                    continue
-                covered |= set(FT2Font(path).get_charmap())
-        _COVERED = covered or set(range(0x20, 0x7F))
-    return _COVERED
+
+def _magnitude_norm(data, *, bounds: tuple[float, float] | None = None, log: bool | str = False,
+                    decades: float = 4.0):
+    """``(norm, scale)`` for a heatmap of non-negative magnitudes, chosen from the data.
+
+    ``bounds``: the quantity's natural range (β in [0, 1]); kept when the data fill at least a tenth
+    of it, else the data's own range (so a block of values near 0.97 still shows what differs).
+    ``log``: True, False or "auto" (log when the positive values span more than two decades); a log
+    scale shows at most ``decades`` decades below the maximum. ``scale`` names the choice for the
+    colour bar.
+    """
+    x = _finite(data)
+    if x.size == 0:
+        return matplotlib.colors.Normalize(0.0, 1.0), "linear"
+    lo, hi = float(x.min()), float(x.max())
+    positive = x[x > 0]
+    if log == "auto":
+        log = positive.size > 0 and float(positive.max()) / max(float(np.percentile(positive, 5)), 1e-300) > 100
+    if log and positive.size:
+        top = float(positive.max())
+        bottom = max(float(positive.min()), top * 10.0 ** -decades)
+        if bottom >= top:
+            bottom = top / 10
+        return matplotlib.colors.LogNorm(bottom, top, clip=True), "log scale"
+    if bounds is not None:
+        b0, b1 = bounds
+        if hi - lo >= 0.1 * (b1 - b0):
+            return matplotlib.colors.Normalize(b0, b1), f"linear, {b0:g} to {b1:g}"
+        pad = max((hi - lo) * 0.05, 1e-12 * max(abs(hi), 1.0))
+        return matplotlib.colors.Normalize(max(b0, lo - pad), min(b1, hi + pad)), "linear, data range"
+    if hi <= lo:
+        return matplotlib.colors.Normalize(lo - 0.5 if lo == 0 else lo * 0.9, hi + 0.5 if hi == 0 else hi * 1.1), "linear"
+    start = 0.0 if lo >= 0 and lo < 0.5 * hi else lo
+    return matplotlib.colors.Normalize(start, hi), "linear" if start == 0.0 else "linear, data range"
+
+
+def _signed_norm(data):
+    """``(norm, scale)`` for signed values: symmetric about 0 on a diverging map, limits from the data."""
+    x = _finite(data)
+    m = float(np.abs(x).max()) if x.size else 0.0
+    m = m or 1.0
+    return matplotlib.colors.Normalize(-m, m), "linear, symmetric about 0"
+
+
+def _colorbar(fig: Figure, mappable, ax, label: str, scale: str | None = None, **kwargs):
+    """A colour bar whose label names the quantity and its scale; ticks without offset text."""
+    cbar = fig.colorbar(mappable, ax=ax, pad=kwargs.pop("pad", 0.01), **kwargs)
+    cbar.set_label(label + (f"\n({scale})" if scale else ""), fontsize=TEXT_PT["label"])
+    cbar.ax.tick_params(labelsize=TEXT_PT["tick"])
+    if not isinstance(mappable.norm, matplotlib.colors.LogNorm):
+        cbar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    return cbar
+
+
+def _wrapped(text: str, width_in: float, size: float) -> str:
+    """``text`` broken into lines that fit ``width_in`` inches at ``size`` pt (existing breaks kept)."""
+    chars = max(24, int(width_in * 72 / (0.55 * size)))
+    return "\n".join("\n".join(textwrap.wrap(line, chars)) or line for line in text.split("\n"))
+
+
+def _title(ax, text: str, *, size: float = TEXT_PT["title"], **kwargs) -> None:
+    """An axes title wrapped to the axes' width (estimated from the figure and its grid)."""
+    width = _axis_capacity(ax, "x", 72.0) + 0.5  # inches along x
+    ax.set_title(_wrapped(text, width, size), fontsize=size, **kwargs)
+
+
+def _suptitle(fig: Figure, text: str, *, size: float = TEXT_PT["suptitle"]) -> None:
+    fig.suptitle(_wrapped(text, fig.get_size_inches()[0] - 0.4, size), fontsize=size)
+
+
+def _log_scale(ax, axis: str = "y") -> None:
+    """A log axis labelled at 1, 2 and 5 × each decade as plain numbers (no crowded minor labels)."""
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    target = ax.yaxis if axis == "y" else ax.xaxis
+    target.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    target.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.2g}"))
+    target.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.tick_params(axis=axis, labelsize=TEXT_PT["tick"])
+
+
+def _plain_numbers(ax, axis: str = "y") -> None:
+    """Tick labels as plain numbers (``2e-06``), never a separate offset text (``1e−6``) that can
+    collide with a title."""
+    (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(
+        matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    ax.tick_params(axis=axis, labelsize=TEXT_PT["tick"])
+
+
+def _axis_capacity(ax, axis: str, per_label_pt: float) -> int:
+    """How many labels of ``per_label_pt`` fit along ``axis`` (estimated from the figure and grid)."""
+    w, h = ax.figure.get_size_inches()
+    try:
+        spec = ax.get_subplotspec()
+        rows, cols = spec.get_geometry()[:2]
+        r0, r1 = spec.rowspan.start, spec.rowspan.stop
+        c0, c1 = spec.colspan.start, spec.colspan.stop
+        gs = spec.get_gridspec()
+        wr = gs.get_width_ratios() or [1] * cols
+        hr = gs.get_height_ratios() or [1] * rows
+        frac_w, frac_h = sum(wr[c0:c1]) / sum(wr), sum(hr[r0:r1]) / sum(hr)
+    except (AttributeError, TypeError):
+        frac_w = frac_h = 1.0
+    length = (w * frac_w * 0.82 - 0.5) if axis == "x" else (h * frac_h * 0.75 - 0.6)
+    return max(2, int(length * 72 / per_label_pt))
+
+
+def _thin(n: int, capacity: int) -> int:
+    """The smallest nice step (1, 2, 5, 10, …) that leaves at most ``capacity`` of ``n`` labels."""
+    return _nice_step(n / max(capacity, 1))
+
+
+def _category_axis(ax, axis: str, names, *, label: str | None = None) -> None:
+    """Whole-number (or named) ticks at 0, 1, … for a head / layer / category axis of an image or a
+    bar chart, thinned to every 2nd, 5th … when they would not fit at 8 pt."""
+    names = [str(x) for x in names]
+    n = len(names)
+    step = _thin(n, _axis_capacity(ax, axis, TEXT_PT["tick"] * 1.6 if axis == "x" else TEXT_PT["tick"] * 1.4))
+    idx = list(range(0, n, step))
+    (ax.set_xticks if axis == "x" else ax.set_yticks)(idx, [names[i] for i in idx], fontsize=TEXT_PT["tick"])
+    if label is not None:
+        (ax.set_xlabel if axis == "x" else ax.set_ylabel)(label, fontsize=TEXT_PT["label"])
 
 
 def _token_axis(ax, axis: str, trace: Trace, positions: list[int], *, max_labels: int = MAX_LABELLED_TOKENS) -> None:
-    """Tick ``axis`` ("x" or "y") of an image/plot whose entries are the tokens at ``positions``."""
+    """Tick ``axis`` ("x" or "y") of an image/plot whose entries are the tokens at ``positions``.
+
+    Up to ``max_labels`` tokens: the tokens themselves at 8 pt, every one where they fit, else every
+    2nd, 5th … (the axis label says so; ``token_labels`` gives them all). Longer: positions.
+    """
     n = len(positions)
     set_ticks = ax.set_xticks if axis == "x" else ax.set_yticks
+    set_label = ax.set_xlabel if axis == "x" else ax.set_ylabel
     if 0 < n <= max_labels and trace.token_strings:
-        size = 8 if n <= 40 else 6
-        labels = token_labels(trace, positions)
-        if axis == "x":
-            set_ticks(range(n), labels, rotation=90, fontsize=size)
-        else:
-            set_ticks(range(n), labels, fontsize=size)
+        step = _thin(n, _axis_capacity(ax, axis, TEXT_PT["tick"] * 1.3))
+        idx = list(range(0, n, step))
+        labels = token_labels(trace, [positions[i] for i in idx])
+        labels = [_short(t, 14) for t in labels]
+        set_ticks(idx, labels, fontsize=TEXT_PT["tick"], fontfamily=_token_fonts(),
+                  **({"rotation": 90} if axis == "x" else {}))
+        if step > 1:
+            set_label(f"token (every {_ordinal(step)} labelled)", fontsize=TEXT_PT["label"])
         return
-    step = _nice_step(max(n, 1) / 16)
+    capacity = _axis_capacity(ax, axis, TEXT_PT["tick"] * (3.5 if axis == "x" else 1.4))
+    step = _nice_step(max(n, 1) / max(min(capacity, 16), 2))
     idx = [i for i, p in enumerate(positions) if p % step == 0] or [0]
-    set_ticks(idx, [str(positions[i]) for i in idx], fontsize=8)
-    (ax.set_xlabel if axis == "x" else ax.set_ylabel)("position")
+    set_ticks(idx, [str(positions[i]) for i in idx], fontsize=TEXT_PT["tick"])
+    set_label("position", fontsize=TEXT_PT["label"])
+
+
+def _short(label: str, n: int = 24) -> str:
+    """A tick label of at most ``n`` characters (the full text is in ``token_labels`` / the table)."""
+    return label if len(label) <= n else label[: n - 1] + "…"
+
+
+def _ordinal(k: int) -> str:
+    return {2: "2nd", 3: "3rd"}.get(k, f"{k}th")
 
 
 def _nice_step(raw: float) -> int:
@@ -142,16 +265,115 @@ def _nice_step(raw: float) -> int:
     return int(10 ** math.ceil(math.log10(raw)))
 
 
-def _new_figure(figsize: tuple[float, float]) -> Figure:
-    """A figure made through pyplot (which sets up notebook display) and closed there at once, so it
-    is shown once, as a cell's value or with ``display(fig)``, and not kept alive by pyplot."""
-    fig = pyplot.figure(figsize=figsize, layout="constrained")
-    pyplot.close(fig)
-    return fig
+def _same_as(series: list) -> dict[int, int]:
+    """``{i: j}`` for every series ``i`` equal (to 1e-9 relative) to an earlier series ``j``: lines
+    that would hide each other, to be marked in the legend and drawn dashed."""
+    out: dict[int, int] = {}
+    arrays = [np.asarray(s, dtype=float) for s in series]
+    for i, a in enumerate(arrays):
+        for j in range(i):
+            b = arrays[j]
+            if j not in out and a.shape == b.shape and np.allclose(a, b, rtol=1e-9, atol=1e-12, equal_nan=True):
+                out[i] = j
+                break
+    return out
 
 
-def _figsize_for_tokens(n_tokens: int, height: float) -> tuple[float, float]:
-    return (min(16.0, max(6.0, 2.5 + 0.18 * n_tokens)), height)
+def _head_colors(n: int) -> list:
+    """One distinct colour per head (a discrete palette, not a continuous scale)."""
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- token text
+
+_BYTE_DECODER: dict[str, int] | None = None
+
+
+def token_labels(trace: Trace, positions=None) -> list[str]:
+    """Readable strings of the trace's tokens at ``positions`` (all by default).
+
+    Byte-level BPE pieces are decoded (``"Ġfox"`` → ``" fox"``), a newline shows as ``↵``;
+    characters no installed font can draw show as their UTF-8 bytes after the token id
+    (``#48210 ⟨e0 b9 82⟩``). Without token strings in the trace, the positions themselves.
+    """
+    _check_trace(trace)
+    strings = trace.token_strings
+    if positions is None:
+        positions = range(len(strings) if strings else trace.length)
+    tokens = trace.meta.get("tokens")
+    ids = tokens[0].tolist() if tokens is not None and getattr(tokens, "ndim", 0) == 2 else []
+    return [_readable(strings[p], ids[p] if p < len(ids) else None) if p < len(strings) else str(p)
+            for p in positions]
+
+
+def _readable(piece: str, token_id: int | None = None) -> str:
+    """A token as text a reader can read: bytes decoded, whitespace made visible, and any run of
+    characters no installed font draws (or bytes that are not whole UTF-8) as hex bytes ``⟨e0 b9⟩``,
+    the token id in front (``#48210 ⟨e0 b9 82⟩``) — never a ``\\u`` escape or a box."""
+    global _BYTE_DECODER
+    if _BYTE_DECODER is None:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        _BYTE_DECODER = {c: b for b, c in bytes_to_unicode().items()}
+    if piece and all(c in _BYTE_DECODER for c in piece):
+        piece = bytes(_BYTE_DECODER[c] for c in piece).decode("utf-8", errors="surrogateescape")
+    piece = piece.replace("\n", "↵").replace("\t", "⇥").replace("\r", "↵")
+    piece = piece if piece.strip() else piece.replace(" ", "␣") or "∅"
+    covered = _font_coverage()
+    out, run = [], []
+    for c in piece:
+        if 0xDC80 <= ord(c) <= 0xDCFF:  # a byte that is not part of whole UTF-8
+            run.append(ord(c) - 0xDC00)
+        elif ord(c) in covered:
+            if run:
+                out.append("⟨" + " ".join(f"{b:02x}" for b in run) + "⟩")
+                run = []
+            out.append(c)
+        else:
+            run.extend(c.encode("utf-8"))
+    if run:
+        out.append("⟨" + " ".join(f"{b:02x}" for b in run) + "⟩")
+    text = "".join(out)
+    return f"#{token_id} {text}" if token_id is not None and "⟨" in text and "⟨" not in piece else text
+
+
+_COVERED: set[int] | None = None
+_FONTS: list[str] | None = None
+_NOT_FALLBACK = re.compile(r"^(Last Resort|cm|STIXSize|STIXNonUnicode|DejaVu Math)", re.I)
+
+
+def _token_fonts() -> list[str]:
+    """Font families for token text, in fallback order: the configured sans-serif font, then each
+    installed font (regular face) that draws characters the ones before it cannot."""
+    _font_coverage()
+    return list(_FONTS)
+
+
+def _font_coverage() -> set[int]:
+    """Code points that the fonts of :func:`_token_fonts` draw (matplotlib falls back along that list)."""
+    global _COVERED, _FONTS
+    if _COVERED is None:
+        from matplotlib import font_manager
+        from matplotlib.ft2font import FT2Font
+
+        families, covered = [], set()
+        first = font_manager.findfont(font_manager.FontProperties(family=["sans-serif"]))
+        entries = sorted(font_manager.fontManager.ttflist, key=lambda f: (f.fname != first, f.name))
+        for f in entries:
+            regular = f.style == "normal" and f.weight in (400, "normal", "regular", "book")
+            if f.fname != first and (f.name in families or _NOT_FALLBACK.match(f.name) or not regular):
+                continue
+            try:
+                chars = set(FT2Font(f.fname).get_charmap())
+            except (OSError, RuntimeError, ValueError):
+                continue
+            if not families or len(chars - covered) > 32:  # a font that adds a script, not a few symbols
+                families.append(f.name)
+                covered |= chars
+        _FONTS = families or ["sans-serif"]
+        _COVERED = covered or set(range(0x20, 0x7F))
+    return _COVERED
 
 
 # ----------------------------------------------------------------------------- checks
@@ -267,31 +489,70 @@ def _gate_layers(trace: Trace, gate: str) -> list[int]:
     return [i for i in layers if f"layers.{i}.deltanet.{probe}" in trace or _has_state(trace, i)]
 
 
+def _gate_source(gate: str) -> str:
+    return "g" if gate == "decay" else gate  # the decay plots are computed from g itself (full precision)
+
+
+def _gate_image(x: torch.Tensor, gate: str) -> np.ndarray:
+    """What a gate heatmap shows from β or g: β, g, or for "decay" the forgotten share ``1 − exp(g)``."""
+    x = x.double()
+    return (-torch.expm1(x) if gate == "decay" else x).numpy()
+
+
+def _gate_norm(data, gate: str):
+    if gate == "beta":
+        return _magnitude_norm(data, bounds=(0.0, 1.0))
+    if gate == "decay":
+        return _magnitude_norm(data, log=True)
+    x = _finite(data)  # g ≤ 0: the data's own range
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (-1.0, 0.0)
+    return matplotlib.colors.Normalize(lo, hi if hi > lo else lo + 1e-6), "linear, data range"
+
+
+def _gate_colorbar(fig: Figure, im, ax, gate: str, scale: str):
+    if gate != "decay":
+        return _colorbar(fig, im, ax, _GATE_LABEL[gate], scale)
+    # the forgotten share f, each tick also read as the half-life ln 2 / −ln(1 − f) in tokens
+    cbar = _colorbar(fig, im, ax, "1 − exp(g) · half-life", f"{scale}; tokens")
+    lo, hi = im.norm.vmin, im.norm.vmax
+    ticks = [m * 10.0 ** e for e in range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+             for m in (1, 2, 5) if lo <= m * 10.0 ** e <= hi]
+    if len(ticks) > 7:
+        ticks = [t for t in ticks if f"{t:.0e}".startswith("1")]
+    cbar.set_ticks(ticks)
+    cbar.ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    cbar.ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(
+        lambda f, _: f"{f:.2g} · {math.log(2) / -math.log1p(-min(f, 1 - 1e-16)):.3g}"))
+    return cbar
+
+
 def plot_gates(trace: Trace, layer: int, gate: str = "beta", *, batch: int = 0) -> Figure:
     """Heatmap head × token of one DeltaNet layer's gate: ``"beta"`` (write strength), ``"g"``
-    (log decay) or ``"decay"`` (``exp(g)``, the fraction of the state kept per token).
+    (log decay) or ``"decay"``.
 
-    The image is ``values[batch].T`` ``[HV, T]``.
+    ``"decay"`` shows what differs between heads and tokens: the share of the state forgotten per
+    token, ``1 − exp(g)``, on a log colour scale, with the same scale read as a half-life in tokens
+    beside it (``exp(g)`` itself is ≈ 1 almost everywhere). The image is ``[HV, T]``.
     """
-    x, positions = gate_values(trace, layer, gate)
+    if gate not in GATES:
+        raise BadValue(f"gate must be one of {', '.join(map(repr, GATES))}; got {gate!r}")
+    x, positions = gate_values(trace, layer, _gate_source(gate))
     batch = _check_batch(batch, x.shape[0])
-    data = x[batch].T.numpy()  # [HV, T]
-    fig = _new_figure(_figsize_for_tokens(len(positions), 1.6 + 0.3 * data.shape[0]))
+    data = _gate_image(x[batch].T, gate)  # [HV, T]
+    fig = _new_figure(_figsize_for_tokens(len(positions), max(3.2, 1.9 + 0.3 * data.shape[0])))
     ax = fig.add_subplot()
-    style = dict(_GATE_STYLE[gate])
-    if gate == "g":
-        style.update(vmin=float(min(data.min(), -1e-6)), vmax=0.0)
-    im = ax.imshow(data, aspect="auto", interpolation="nearest", **style)
-    fig.colorbar(im, ax=ax, label=gate if gate != "decay" else "exp(g)", pad=0.01)
+    norm, scale = _gate_norm(data, gate)
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=_cmap(SEQUENTIAL), norm=norm)
+    _gate_colorbar(fig, im, ax, gate, scale)
     _token_axis(ax, "x", trace, positions)
-    ax.set_yticks(range(data.shape[0]), [str(h) for h in _head_names(trace, data.shape[0])])
-    ax.set_ylabel("value head")
-    ax.set_title(f"Layer {layer} (Gated DeltaNet): {_GATE_TEXT[gate]}")
+    _category_axis(ax, "y", _head_names(trace, data.shape[0]), label="value head")
+    _title(ax, f"Layer {layer} (Gated DeltaNet): {_GATE_TEXT[gate]}")
     return fig
 
 
 def plot_gates_overview(trace: Trace, gate: str = "beta", *, batch: int = 0, columns: int = 3) -> Figure:
-    """One head × token heatmap of ``gate`` per DeltaNet layer that has it, on one colour scale."""
+    """One head × token heatmap of ``gate`` per DeltaNet layer that has it, on one colour scale
+    (chosen from all layers' values; see :func:`plot_gates` for ``"decay"``)."""
     _check_trace(trace)
     if gate not in GATES:
         raise BadValue(f"gate must be one of {', '.join(map(repr, GATES))}; got {gate!r}")
@@ -302,29 +563,28 @@ def plot_gates_overview(trace: Trace, gate: str = "beta", *, batch: int = 0, col
     if not layers:
         probe = "beta" if gate == "beta" else "g"
         raise _missing("plot_gates_overview", f"layers.*.deltanet.{probe}")
-    values = {i: gate_values(trace, i, gate) for i in layers}
+    values = {i: gate_values(trace, i, _gate_source(gate)) for i in layers}
     batch = _check_batch(batch, values[layers[0]][0].shape[0])
-    style = dict(_GATE_STYLE[gate])
-    if gate == "g":
-        style.update(vmin=min(float(v[batch].min()) for v, _ in values.values()), vmax=0.0)
-    ncols = min(columns, len(layers))
-    nrows = math.ceil(len(layers) / ncols)
+    images = {i: _gate_image(x[batch].T, gate) for i, (x, _) in values.items()}  # [HV, T] each
+    norm, scale = _gate_norm(np.concatenate([im.ravel() for im in images.values()]), gate)
     n_tok = max(len(p) for _, p in values.values())
-    width = min(18.0, ncols * max(4.0, 1.5 + 0.12 * n_tok))
-    fig = _new_figure((width, 0.6 + nrows * (1.4 + 0.15 * values[layers[0]][0].shape[2])))
+    ncols = min(columns, len(layers), max(1, int(DISPLAY_WIDTH // max(3.2, 1.2 + 0.1 * n_tok))))
+    nrows = math.ceil(len(layers) / ncols)
+    n_heads = images[layers[0]].shape[0]
+    fig = _new_figure((DISPLAY_WIDTH if ncols > 1 else _figsize_for_tokens(n_tok, 0)[0],
+                       0.8 + nrows * (1.7 + 0.2 * n_heads)))
     axes = fig.subplots(nrows, ncols, squeeze=False)
     im = None
     for k, layer in enumerate(layers):
         ax = axes[k // ncols][k % ncols]
-        x, positions = values[layer]
-        im = ax.imshow(x[batch].T.numpy(), aspect="auto", interpolation="nearest", **style)
-        _token_axis(ax, "x", trace, positions, max_labels=40)
-        ax.set_ylabel("head", fontsize=8)
-        ax.set_title(f"layer {layer}", fontsize=10)
+        im = ax.imshow(images[layer], aspect="auto", interpolation="nearest", cmap=_cmap(SEQUENTIAL), norm=norm)
+        _token_axis(ax, "x", trace, values[layer][1], max_labels=40)
+        _category_axis(ax, "y", _head_names(trace, n_heads), label="head")
+        _title(ax, f"layer {layer}")
     for k in range(len(layers), nrows * ncols):
         fig.delaxes(axes[k // ncols][k % ncols])
-    fig.colorbar(im, ax=[a for row in axes for a in row if a in fig.axes], label=gate if gate != "decay" else "exp(g)")
-    fig.suptitle(f"Gated DeltaNet {_GATE_TEXT[gate]}, per layer (head × token)")
+    _gate_colorbar(fig, im, [a for row in axes for a in row if a in fig.axes], gate, scale)
+    _suptitle(fig, f"Gated DeltaNet {_GATE_TEXT[gate]}, per layer (head × token)")
     return fig
 
 
@@ -371,32 +631,42 @@ def half_lives(source, *, batch: int = 0) -> dict[int, torch.Tensor]:
 def plot_half_life(source, *, batch: int = 0) -> Figure:
     """Per-head decay half-life (tokens, log scale) for each DeltaNet layer; see :func:`half_lives`.
 
-    One column of points per layer, one point per value head (coloured by head index).
+    One column of points per layer, one point per value head, one colour per head (named in the
+    legend; with more than 20 heads, a colour bar of whole head numbers).
     """
     lives = half_lives(source, batch=batch)
     from_trace = isinstance(source, Trace)
     layers = sorted(lives)
     n_heads = max(len(v) for v in lives.values())
-    fig = _new_figure((max(7.0, 1.5 + 0.45 * len(layers)), 4.0))
+    fig = _new_figure((max(7.0, 2.5 + 0.45 * len(layers)), 4.2))
     ax = fig.add_subplot()
-    sc = None
+    colors = _head_colors(n_heads)
+    many = n_heads > 20
     for j, layer in enumerate(layers):
         hl = lives[layer].numpy()
         offsets = (np.arange(len(hl)) - (len(hl) - 1) / 2) * (0.6 / max(n_heads, 1))
-        sc = ax.scatter(j + offsets, hl, c=np.arange(len(hl)), cmap="viridis", vmin=0, vmax=max(n_heads - 1, 1),
-                        s=22, edgecolors="none")
-    ax.set_yscale("log")
-    ax.set_xticks(range(len(layers)), [str(i) for i in layers])
-    ax.set_xlabel("layer")
-    ax.set_ylabel("half-life (tokens)")
+        ax.scatter(j + offsets, hl, c=[colors[h] for h in range(len(hl))], s=30, edgecolors="none")
+    from matplotlib.lines import Line2D
+
+    handles = [] if many else [Line2D([], [], ls="", marker="o", color=colors[h], label=f"head {h}")  # discrete
+                               for h in range(n_heads)]
+    _log_scale(ax, "y")
+    _category_axis(ax, "x", layers, label="layer")
+    ax.set_ylabel("half-life (tokens)", fontsize=TEXT_PT["label"])
+    ax.tick_params(labelsize=TEXT_PT["tick"])
     if from_trace and source.length:
-        ax.axhline(source.length, color="0.5", ls="--", lw=1)
-        ax.text(len(layers) - 0.5, source.length, f" prompt length {source.length}", va="bottom", ha="right",
-                fontsize=8, color="0.4")
-    fig.colorbar(sc, ax=ax, label="value head", pad=0.01)
+        handles.append(ax.axhline(source.length, color="0.5", ls="--", lw=1, label=f"prompt length {source.length}"))
+    if many:
+        cmap = matplotlib.colors.ListedColormap(colors)
+        norm = matplotlib.colors.BoundaryNorm(np.arange(n_heads + 1) - 0.5, n_heads)
+        cbar = _colorbar(fig, matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax, "value head")
+        cbar.set_ticks(range(0, n_heads, _nice_step(n_heads / 12)))
+        cbar.ax.yaxis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:.0f}"))
+    if handles:
+        fig.legend(handles=handles, fontsize=TEXT_PT["tick"], loc="outside right upper")
     how = ("ln 2 / −mean(g) over this prompt" if from_trace
            else "parameters only (in_proj_a x = 0): ln 2 / (exp(A_log)·softplus(dt_bias))")
-    ax.set_title(f"Gated DeltaNet: decay half-life of each head\n{how}", fontsize=10)
+    _title(ax, f"Gated DeltaNet: decay half-life of each head\n{how}")
     return fig
 
 
@@ -433,21 +703,33 @@ def state_norms(trace: Trace, layer: int, positions=None, *, batch: int = 0) -> 
     return torch.stack(norms), positions
 
 
+def _lines(ax, x, series: list, labels: list[str], *, markers: bool) -> None:
+    """One line per series, one colour each; a series equal to an earlier one is drawn dashed over
+    it and named in the legend (``head 1 (= head 0)``), so no line hides unseen."""
+    same = _same_as(series)
+    colors = _head_colors(len(series))
+    for i, (y, label) in enumerate(zip(series, labels)):
+        dup = i in same
+        ax.plot(x, y, color=colors[i], ls=(0, (4, 3)) if dup else "-", lw=1.8 if dup else 1.4,
+                marker=("x" if dup else ".") if markers else None,
+                label=f"{label} (= {labels[same[i]]})" if dup else label)
+
+
 def plot_state_norms(trace: Trace, layer: int, heads=None, *, positions=None, batch: int = 0) -> Figure:
     """``‖S_t‖_F`` along the sequence, one line per value head (all captured heads by default)."""
     norms, positions = state_norms(trace, layer, positions, batch=batch)
     hs = _check_heads(heads, norms.shape[1], f"layer {layer}'s state")
     names = _head_names(trace, norms.shape[1])
-    fig = _new_figure(_figsize_for_tokens(len(positions), 3.6))
+    fig = _new_figure(_figsize_for_tokens(len(positions), 3.8))
     ax = fig.add_subplot()
-    for h in hs:
-        ax.plot(range(len(positions)), norms[:, h].numpy(), marker="." if len(positions) <= 80 else None,
-                label=f"head {names[h]}")
+    _lines(ax, range(len(positions)), [norms[:, h].numpy() for h in hs], [f"head {names[h]}" for h in hs],
+           markers=len(positions) <= 80)
     _token_axis(ax, "x", trace, positions)
-    ax.set_ylabel("‖S_t‖_F")
+    ax.set_ylabel("‖S_t‖_F", fontsize=TEXT_PT["label"])
+    _plain_numbers(ax, "y")
     ax.set_xlim(-0.5, len(positions) - 0.5)
-    ax.legend(fontsize=8, ncols=min(len(hs), 8), loc="upper left")
-    ax.set_title(f"Layer {layer} (Gated DeltaNet): size of each head's state after token t")
+    ax.legend(fontsize=TEXT_PT["tick"], ncols=min(len(hs), 8), loc="upper left")
+    _title(ax, f"Layer {layer} (Gated DeltaNet): size of each head's state after token t")
     return fig
 
 
@@ -478,14 +760,14 @@ def plot_state_readout(trace: Trace, layer: int, *, batch: int = 0) -> Figure:
     """Heatmap head × token of ``‖o_t‖ = ‖S_tᵀ q_t‖ / sqrt(K)``: what each head reads out of its state."""
     norms, positions = read_norms(trace, layer, batch=batch)
     data = norms.T.numpy()  # [HV, T]
-    fig = _new_figure(_figsize_for_tokens(len(positions), 1.6 + 0.3 * data.shape[0]))
+    fig = _new_figure(_figsize_for_tokens(len(positions), 1.9 + 0.3 * data.shape[0]))
     ax = fig.add_subplot()
-    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="cividis", vmin=0.0)
-    fig.colorbar(im, ax=ax, label="‖o_t‖", pad=0.01)
+    norm, scale = _magnitude_norm(data)
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=_cmap(SEQUENTIAL), norm=norm)
+    _colorbar(fig, im, ax, "‖o_t‖", scale)
     _token_axis(ax, "x", trace, positions)
-    ax.set_yticks(range(data.shape[0]), [str(h) for h in _head_names(trace, data.shape[0])])
-    ax.set_ylabel("value head")
-    ax.set_title(f"Layer {layer} (Gated DeltaNet): read-out ‖S_tᵀ q_t‖/√K per head and token")
+    _category_axis(ax, "y", _head_names(trace, data.shape[0]), label="value head")
+    _title(ax, f"Layer {layer} (Gated DeltaNet): read-out ‖S_tᵀ q_t‖/√K per head and token")
     return fig
 
 
@@ -510,17 +792,17 @@ def plot_effective_attention(trace: Trace, layer: int, head: int, rows=None, *, 
     data = A[batch, 0].numpy()
     future = np.arange(T)[None, :] > np.asarray(rows)[:, None]
     data = np.ma.masked_array(data, mask=future)
-    m = float(np.abs(data).max()) or 1.0
-    fig = _new_figure((min(14.0, max(5.5, 2.5 + 0.2 * T)), min(12.0, max(4.0, 1.8 + 0.2 * len(rows)))))
+    fig = _new_figure((min(DISPLAY_WIDTH, max(5.5, 2.8 + 0.17 * T)), min(11.0, max(4.0, 2.0 + 0.17 * len(rows)))))
     ax = fig.add_subplot()
-    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="RdBu_r", vmin=-m, vmax=m)
-    fig.colorbar(im, ax=ax, label="A[t, s]", pad=0.01)
+    norm, scale = _signed_norm(data)
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=_cmap(DIVERGING), norm=norm)
+    _colorbar(fig, im, ax, "A[t, s]", scale)
     _token_axis(ax, "x", trace, list(range(T)))
     _token_axis(ax, "y", trace, rows)
-    ax.set_xlabel("source token s")
-    ax.set_ylabel("query token t")
-    ax.set_title(f"Layer {layer}, head {_head_names(trace, HV)[head]}: exact DeltaNet mixing "
-                 f"o_t = Σ_s A[t,s] v_s", fontsize=10)
+    ax.set_xlabel("source token s", fontsize=TEXT_PT["label"])
+    ax.set_ylabel("query token t", fontsize=TEXT_PT["label"])
+    _title(ax, f"Layer {layer}, head {_head_names(trace, HV)[head]}: exact DeltaNet mixing "
+                 f"o_t = Σ_s A[t,s] v_s (blank: s > t)")
     return fig
 
 
@@ -535,19 +817,22 @@ def plot_attention(trace: Trace, layer: int, head: int, *, batch: int = 0) -> Fi
     batch = _check_batch(batch, P.shape[0])
     head = _check_head(head, P.shape[1], name)
     rows = trace.positions(name)
-    data = P[batch, head].numpy()
+    data = P[batch, head].numpy()  # [Tq, Tk]
     Tk = data.shape[1]
-    fig = _new_figure((min(14.0, max(5.5, 2.5 + 0.2 * Tk)), min(12.0, max(4.0, 1.8 + 0.2 * len(rows)))))
+    future = np.arange(Tk)[None, :] > np.asarray(rows)[:, None]  # causal: keys after the query
+    data = np.ma.masked_array(data, mask=future)
+    fig = _new_figure((min(DISPLAY_WIDTH, max(5.5, 2.8 + 0.17 * Tk)), min(11.0, max(4.0, 2.0 + 0.17 * len(rows)))))
     ax = fig.add_subplot()
-    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="Blues", vmin=0.0,
-                   vmax=max(float(data.max()), 1e-6))
-    fig.colorbar(im, ax=ax, label="attention probability", pad=0.01)
+    # most of a row's mass sits on a few keys: a log scale shows the rest too (4 decades below the max)
+    norm, scale = _magnitude_norm(data, log=True)
+    im = ax.imshow(data, aspect="auto", interpolation="nearest", cmap=_cmap(SEQUENTIAL), norm=norm)
+    _colorbar(fig, im, ax, "attention probability", scale)
     _token_axis(ax, "x", trace, list(range(Tk)))
     _token_axis(ax, "y", trace, rows)
-    ax.set_xlabel("key token")
-    ax.set_ylabel("query token")
-    ax.set_title(f"Layer {layer} (gated attention), head {_head_names(trace, P.shape[1])[head]}: "
-                 "attention probabilities", fontsize=10)
+    ax.set_xlabel("key token", fontsize=TEXT_PT["label"])
+    ax.set_ylabel("query token", fontsize=TEXT_PT["label"])
+    _title(ax, f"Layer {layer} (gated attention), head {_head_names(trace, P.shape[1])[head]}: "
+                 "attention probabilities (blank: future keys)")
     return fig
 
 
@@ -567,7 +852,7 @@ def plot_attention_summary(trace: Trace, layer: int, heads=None, *, batch: int =
     batch = _check_batch(batch, first.shape[0])
     hs = _check_heads(heads, first.shape[1], name)
     names = _head_names(trace, first.shape[1])
-    fig = _new_figure((min(16.0, max(9.0, 3.0 + 0.2 * len(positions))), 6.5))
+    fig = _new_figure((DISPLAY_WIDTH, 7.0))
     axes = fig.subplots(2, 2, sharex=True).ravel()
     x = np.arange(len(positions))
     pos = np.asarray(positions, dtype=float)
@@ -575,16 +860,18 @@ def plot_attention_summary(trace: Trace, layer: int, heads=None, *, batch: int =
                "mean_distance": pos / 2}
     for ax, key in zip(axes, SUMMARY_KEYS):
         values = s[key][batch].float()  # [Hq, T]
-        for h in hs:
-            ax.plot(x, values[h].numpy(), marker="." if len(x) <= 80 else None, label=f"head {names[h]}")
+        _lines(ax, x, [values[h].numpy() for h in hs], [f"head {names[h]}" for h in hs], markers=len(x) <= 80)
         ax.plot(x, uniform[key], color="0.6", ls="--", lw=1, label="uniform")
-        ax.set_title(_SUMMARY_TEXT[key], fontsize=10)
+        if key in ("max_prob", "sink_mass"):
+            ax.set_ylim(-0.02, 1.02)
+        _title(ax, _SUMMARY_TEXT[key])
         ax.set_xlim(-0.5, len(x) - 0.5)
+        _plain_numbers(ax, "y")
     for ax in axes[2:]:
         _token_axis(ax, "x", trace, positions)
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=8,
-               ncols=min(len(hs) + 1, 9))
-    fig.suptitle(f"Layer {layer} (gated attention): attention per head along the query position")
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=TEXT_PT["tick"],
+               ncols=min(len(hs) + 1, 6))
+    _suptitle(fig, f"Layer {layer} (gated attention): attention per head along the query position")
     return fig
 
 
@@ -600,22 +887,23 @@ def plot_attention_gate(trace: Trace, layer: int, *, batch: int = 0) -> Figure:
     Hq = gate.shape[2]
     names = _head_names(trace, Hq)
     mean = gate[batch].mean(-1).T.numpy()  # [Hq, T]
-    fig = _new_figure((min(18.0, max(11.0, 6.0 + 0.18 * len(positions))), 3.3 + 0.45 * Hq))
+    fig = _new_figure((DISPLAY_WIDTH, 3.4 + 0.3 * Hq))
     left, right = fig.subplots(1, 2, width_ratios=[3, 1.2])
-    im = left.imshow(mean, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0, vmax=1.0)
-    fig.colorbar(im, ax=left, label="mean over head dim", pad=0.01)
+    norm, scale = _magnitude_norm(mean, bounds=(0.0, 1.0))
+    im = left.imshow(mean, aspect="auto", interpolation="nearest", cmap=_cmap(SEQUENTIAL), norm=norm)
+    _colorbar(fig, im, left, "mean over head dim", scale)
     _token_axis(left, "x", trace, positions)
-    left.set_yticks(range(Hq), [str(h) for h in names])
-    left.set_ylabel("query head")
-    left.set_title("mean gate per head and token", fontsize=10)
+    _category_axis(left, "y", names, label="query head")
+    _title(left, "mean gate per head and token")
     per_head = [gate[batch, :, h].reshape(-1).numpy() for h in range(Hq)]
     right.violinplot(per_head, positions=range(Hq), orientation="horizontal", showmedians=True)
-    right.set_yticks(range(Hq), [str(h) for h in names])
+    _category_axis(right, "y", names)
     right.set_ylim(Hq - 0.5, -0.5)  # head 0 on top, as in the heatmap
     right.set_xlim(0, 1)
-    right.set_xlabel("sigmoid(gate)")
-    right.set_title("all values, per head", fontsize=10)
-    fig.suptitle(f"Layer {layer} (gated attention): output gate sigmoid(gate) ⊙ attn_out")
+    right.tick_params(labelsize=TEXT_PT["tick"])
+    right.set_xlabel("sigmoid(gate)", fontsize=TEXT_PT["label"])
+    _title(right, "all values, per head")
+    _suptitle(fig, f"Layer {layer} (gated attention): output gate sigmoid(gate) ⊙ attn_out")
     return fig
 
 
@@ -651,11 +939,12 @@ def plot_next_token(runs: dict, tokenizer, *, k: int = 10, batch: int = 0) -> Fi
     first, last = logprobs[labels[0]], logprobs[labels[-1]]
 
     def names(ids: torch.Tensor) -> list[str]:
-        return [_readable(t) for t in tok.convert_ids_to_tokens(ids.tolist())]
+        return [_readable(t, i) for t, i in zip(tok.convert_ids_to_tokens(ids.tolist()), ids.tolist())]
 
     top = first.topk(min(k, first.numel())).indices  # [k]
     compare = len(labels) > 1
-    fig = _new_figure((max(6.0, 1.5 + 0.6 * len(top) * max(1, len(labels) / 2)) + (4.5 if compare else 0), 4.2))
+    fig = _new_figure((DISPLAY_WIDTH if compare else max(6.0, 1.5 + 0.6 * len(top) * max(1, len(labels) / 2)),
+                       4.6 + 0.2 * len(labels)))
     if compare:
         ax, movers = fig.subplots(1, 2, width_ratios=[2.2, 1])
     else:
@@ -663,10 +952,12 @@ def plot_next_token(runs: dict, tokenizer, *, k: int = 10, batch: int = 0) -> Fi
     width = 0.8 / len(labels)
     for j, label in enumerate(labels):
         ax.bar(np.arange(len(top)) + (j - (len(labels) - 1) / 2) * width, logprobs[label][top].exp().numpy(),
-               width=width, label=label)
-    ax.set_xticks(range(len(top)), names(top), rotation=45, ha="right", fontsize=9)
-    ax.set_ylabel("probability")
-    ax.legend(fontsize=9)
+               width=width, label=label, color=_head_colors(len(labels))[j])
+    ax.set_xticks(range(len(top)), [_short(t) for t in names(top)], rotation=90, fontsize=TEXT_PT["tick"],
+                  fontfamily=_token_fonts())
+    ax.set_ylabel("probability", fontsize=TEXT_PT["label"])
+    _plain_numbers(ax, "y")
+    ax.legend(fontsize=TEXT_PT["tick"])
     notes = []
     for label in labels[1:]:
         lp = logprobs[label]
@@ -674,18 +965,19 @@ def plot_next_token(runs: dict, tokenizer, *, k: int = 10, batch: int = 0) -> Fi
         best = names(lp.argmax()[None])[0]
         notes.append(f"{label}: KL = {kl:.3g} nats, top token {best!r}")
     title = f"Next-token probabilities (top {len(top)} of {labels[0]!r})"
-    ax.set_title(title + ("\n" + "; ".join(notes) if notes else ""), fontsize=10)
+    _title(ax, title + ("\n" + "\n".join(notes) if notes else ""), fontfamily=_token_fonts())
     if movers is not None:
         delta = last - first  # [vocab]
         moved = delta.abs().topk(min(k, delta.numel())).indices
         moved = moved[delta[moved].argsort(descending=True)]
         values = delta[moved].numpy()
         movers.barh(np.arange(len(moved)), values, color=np.where(values >= 0, "C2", "C3"))
-        movers.set_yticks(range(len(moved)), names(moved), fontsize=9)
+        movers.set_yticks(range(len(moved)), [_short(t) for t in names(moved)], fontsize=TEXT_PT["tick"], fontfamily=_token_fonts())
         movers.invert_yaxis()
         movers.axvline(0, color="0.3", lw=0.6)
-        movers.set_xlabel(f"log p({labels[-1]}) − log p({labels[0]})", fontsize=9)
-        movers.set_title("largest changes", fontsize=10)
+        _plain_numbers(movers, "x")
+        movers.set_xlabel(f"log p({labels[-1]}) − log p({labels[0]})", fontsize=TEXT_PT["label"])
+        _title(movers, "largest changes")
     return fig
 
 
@@ -708,24 +1000,28 @@ def plot_state_contributions(contributions, *, batch: int = 0) -> Figure:
     held = c.held[batch].numpy()  # [h, S]
     erased = (c.erased[batch] / c.decayed[batch].clamp_min(1e-30)).clamp(0, 1).numpy()
     n = len(c.positions)
-    fig = _new_figure((min(16.0, max(6.0, 3.0 + 0.22 * n)), 2.2 + 0.45 * len(c.heads) * 2))
+    fig = _new_figure((min(DISPLAY_WIDTH, max(6.0, 3.0 + 0.2 * n)), 2.6 + 0.5 * len(c.heads) * 2))
     top, bottom = fig.subplots(2, 1, sharex=True)
-    im = top.imshow(held, aspect="auto", interpolation="nearest", cmap="viridis", vmin=0.0,
-                    vmax=float(held.max()) or 1.0)
-    fig.colorbar(im, ax=top, label="‖C_s‖ (held)", pad=0.01)
-    im2 = bottom.imshow(erased, aspect="auto", interpolation="nearest", cmap="magma", vmin=0.0, vmax=1.0)
-    fig.colorbar(im2, ax=bottom, label="erased fraction", pad=0.01)
+    norm, scale = _magnitude_norm(held, log="auto")
+    im = top.imshow(held, aspect="auto", interpolation="nearest", cmap=_cmap(SEQUENTIAL), norm=norm)
+    _colorbar(fig, im, top, "‖C_s‖ (held)", scale)
+    norm, scale = _magnitude_norm(erased, bounds=(0.0, 1.0))
+    im2 = bottom.imshow(erased, aspect="auto", interpolation="nearest", cmap=_cmap(SEQUENTIAL), norm=norm)
+    _colorbar(fig, im2, bottom, "erased fraction", scale)
     for ax in (top, bottom):
-        ax.set_yticks(range(len(c.heads)), [str(h) for h in c.heads], fontsize=8)
-        ax.set_ylabel("head")
+        _category_axis(ax, "y", c.heads, label="head")
     if n <= MAX_LABELLED_TOKENS:
-        bottom.set_xticks(range(n), [_readable(s) for s in c.tokens], rotation=90, fontsize=8 if n <= 40 else 6)
+        step = _thin(n, _axis_capacity(bottom, "x", TEXT_PT["tick"] * 1.3))
+        idx = list(range(0, n, step))
+        bottom.set_xticks(idx, [_readable(c.tokens[i]) for i in idx], rotation=90, fontsize=TEXT_PT["tick"],
+                          fontfamily=_token_fonts())
     else:
         step = _nice_step(n / 16)
         idx = [i for i, p in enumerate(c.positions) if p % step == 0] or [0]
-        bottom.set_xticks(idx, [str(c.positions[i]) for i in idx], fontsize=8)
-    bottom.set_xlabel("source token s")
-    top.set_title(f"Layer {c.layer}: what S_t at t = {c.t} ({_readable(c.tokens[-1])!r}) still holds of each token",
-                  fontsize=10)
-    bottom.set_title("how much of each write later writes erased (beyond decay)", fontsize=10)
+        bottom.set_xticks(idx, [str(c.positions[i]) for i in idx], fontsize=TEXT_PT["tick"])
+    bottom.set_xlabel("source token s" + (f" (every {_ordinal(step)} labelled)" if 1 < step and n <= MAX_LABELLED_TOKENS
+                                          else ""), fontsize=TEXT_PT["label"])
+    _title(top, f"Layer {c.layer}: what S_t at t = {c.t} ({_readable(c.tokens[-1])!r}) still holds of each token",
+           fontfamily=_token_fonts())
+    _title(bottom, "how much of each write later writes erased (beyond decay)")
     return fig

@@ -19,6 +19,7 @@ a selection the trace cannot serve shows a message in the panel instead of a tra
 
 from __future__ import annotations
 
+import io
 import math
 
 import ipywidgets as W
@@ -70,8 +71,13 @@ class TraceExplorer:
         self.token = W.IntSlider(value=0, min=0, max=max(length - 1, 0), description="token",
                                  continuous_update=False, layout=W.Layout(width="60%"))
         self.token_text = W.HTML()
-        self.output = W.Output()
-        self.widget = W.VBox([W.HBox([self.layer, self.head]), W.HBox([self.token, self.token_text]), self.output])
+        # the panel is a PNG in an Image widget and a message in an HTML widget: each redraw is one plain
+        # state update. (An Output widget captures display messages, which non-interactive runners such as
+        # nbclient / nbconvert / papermill must route through comm messages; runs stalled there.)
+        self.image = W.Image(format="png", layout=W.Layout(max_width="100%", height="auto"))
+        self.message = W.HTML()
+        self.widget = W.VBox([W.HBox([self.layer, self.head]), W.HBox([self.token, self.token_text]),
+                              self.message, self.image])
 
         self.current: dict = {}
         self.current_figure: Figure | None = None
@@ -190,14 +196,17 @@ class TraceExplorer:
             self.current = {"layer": layer, "head": head, "token": t, "error": error_text(e)}
             self.current_figure = None
             message = self.current["error"]
-        if get_ipython() is None:  # plain Python (scripts, tests): nothing to draw into
+        self.message.value = "" if message is None else f"<pre style='color:#a00'>{_html(message)}</pre>"
+        if get_ipython() is None:  # plain Python (scripts, tests): no PNG to draw
             return
-        with self.output:
-            self.output.clear_output(wait=True)
-            if message is not None:
-                display(W.HTML(f"<pre style='color:#a00'>{_html(message)}</pre>"))
-            else:
-                display(self.current_figure)
+        if self.current_figure is None:
+            self.image.value = b""
+            self.image.layout.display = "none"
+        else:
+            buf = io.BytesIO()
+            self.current_figure.savefig(buf, format="png", dpi=100)
+            self.image.value = buf.getvalue()
+            self.image.layout.display = None
 
     def summary_text(self) -> str:
         """What the panel shows, in words."""
@@ -227,58 +236,69 @@ class TraceExplorer:
         n_heads = len(c["beta"] if c["beta"] is not None else c["decay"])
         heads = np.arange(n_heads)
         colors = ["C3" if h == head else "C0" for h in heads]
-        fig = viz._new_figure((11, 7.2))
+        fig = viz._new_figure((viz.DISPLAY_WIDTH, 8.0))
         grid = fig.add_gridspec(3, 2, height_ratios=[1.1, 1, 1.2])
 
         top = fig.add_subplot(grid[0, :])
-        shown, what = ((c["beta_layer"], "β (write strength)") if c["beta_layer"] is not None
-                       else (c["decay_layer"], "exp(g) (fraction kept)"))
-        top.imshow(shown.T.numpy(), aspect="auto", interpolation="nearest", cmap="viridis", vmin=0, vmax=1)
+        if c["beta_layer"] is not None:
+            shown, gate = c["beta_layer"].T.numpy(), "beta"  # [HV, P]
+        else:
+            shown, gate = -np.expm1(c["decay_layer"].double().log().T.numpy()), "decay"
+        norm, scale = viz._gate_norm(shown, gate)
+        im = top.imshow(shown, aspect="auto", interpolation="nearest", cmap=viz._cmap(viz.SEQUENTIAL), norm=norm)
+        viz._gate_colorbar(fig, im, top, gate, scale)
         top.axvline(positions.index(t), color="w", lw=2)
         top.axhline(head, color="w", lw=0.8, ls=":")
         viz._token_axis(top, "x", tr, positions)
-        top.set_ylabel("head")
-        top.set_title(f"{what} of layer {layer}; the line marks token {t}", fontsize=10)
+        viz._category_axis(top, "y", range(n_heads), label="head")
+        viz._title(top, f"{viz._GATE_TEXT[gate]}, layer {layer}; the line marks token {t}")
 
-        for k, (key, title) in enumerate([("beta", f"writes: β_t at {c['token_string']!r}"),
-                                          ("decay", "forgets: exp(g_t), the fraction of the state kept")]):
+        panels = [("beta", f"writes: β_t at {c['token_string']!r}"),
+                  ("decay", "forgets: 1 − exp(g_t), the share of the state forgotten (log)")]
+        for k, (key, title) in enumerate(panels):
             ax = fig.add_subplot(grid[1, k])
             if c[key] is not None:
-                ax.bar(heads, c[key].numpy(), color=colors)
-                ax.set_ylim(0, 1)
-                ax.set_xticks(heads)
-                ax.set_xlabel("head")
+                if key == "beta":
+                    ax.bar(heads, c[key].numpy(), color=colors)
+                    ax.set_ylim(0, 1)
+                else:  # exp(g) ≈ 1 for every head: the forgotten share shows what differs
+                    ax.bar(heads, -np.expm1(c["g"].double().numpy()), color=colors)
+                    viz._log_scale(ax, "y")
+                viz._category_axis(ax, "x", heads, label="head")
+                ax.tick_params(axis="y", labelsize=viz.TEXT_PT["tick"])
             else:
                 probe = "beta" if key == "beta" else "g"
                 _blank(ax, f"capture 'layers.{layer}.deltanet.{probe}'")
-            ax.set_title(title, fontsize=10)
+            viz._title(ax, title, fontfamily=viz._token_fonts())
 
         reads = fig.add_subplot(grid[2, 0])
         if c["read_norm"] is not None:
             reads.bar(heads, c["read_norm"].numpy(), color=colors)
-            reads.set_xticks(heads)
-            reads.set_xlabel("head")
+            viz._category_axis(reads, "x", heads, label="head")
+            viz._plain_numbers(reads, "y")
         else:
             _blank(reads, c["note"])
-        reads.set_title("reads: ‖S_tᵀ q_t‖/√K", fontsize=10)
+        viz._title(reads, "reads: ‖S_tᵀ q_t‖/√K")
 
         source = fig.add_subplot(grid[2, 1])
         if c["mixing_row"] is not None:
             row = c["mixing_row"].numpy()
-            source.bar(np.arange(len(row)), row, color=np.where(row >= 0, "C3", "C0"))
+            source.bar(np.arange(len(row)), row, color=np.where(row >= 0, "C3", "C0"))  # signed: red +, blue −
             source.axhline(0, color="0.3", lw=0.6)
             viz._token_axis(source, "x", tr, list(range(len(row))), max_labels=60)
             source.set_xlim(-0.5, max(len(row), 2) - 0.5)
+            viz._plain_numbers(source, "y")
         else:
             _blank(source, c["note"])
-        source.set_title(f"head {head} reads from: A[t, s] over source tokens s ≤ {t}", fontsize=10)
-        fig.suptitle(f"Gated DeltaNet layer {layer}, token {t} {c['token_string']!r}")
+        viz._title(source, f"head {head} reads from: A[t, s] over source tokens s ≤ {t}")
+        fig.suptitle(f"Gated DeltaNet layer {layer}, token {t} {c['token_string']!r}", fontsize=viz.TEXT_PT["suptitle"],
+                     fontfamily=viz._token_fonts())
         return fig
 
 
 def _blank(ax, text: str | None) -> None:
     ax.set_axis_off()
-    ax.text(0.5, 0.5, text or "not captured", ha="center", va="center", wrap=True, fontsize=9,
+    ax.text(0.5, 0.5, text or "not captured", ha="center", va="center", wrap=True, fontsize=viz.TEXT_PT["label"],
             transform=ax.transAxes)
 
 

@@ -360,10 +360,15 @@ def plot_memory(models=None, max_context: int = 1_010_000, dtype="bfloat16", tex
     models = list(models or configs.KNOWN_MODELS)
     fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 5))
     xs = [int(x) for x in torch.linspace(1, max_context, 40).tolist()]
-    for i, m in enumerate(models):
-        rows = memory_table([m], xs, dtype=dtype, text_only=text_only)
+    from ..viz import _same_as
+
+    tables = [memory_table([m], xs, dtype=dtype, text_only=text_only) for m in models]
+    same = _same_as([[r["total"] for r in rows] for rows in tables])  # equal curves would hide: name them
+    for i, (m, rows) in enumerate(zip(models, tables)):
         color = f"C{i}"
-        ax.plot(xs, [r["total"] / 1e9 for r in rows], color=color, label=m)
+        label = f"{m} (same curve as {models[same[i]]})" if i in same else m
+        ax.plot(xs, [r["total"] / 1e9 for r in rows], color=color, label=label,
+                **({"marker": "x", "markevery": 4, "lw": 0.8} if i in same else {}))
         ax.plot(xs, [r["all_attention_total"] / 1e9 for r in rows], color=color, ls="--", lw=1)
     ax.axvline(262_144, color="grey", ls=":", lw=1)
     ax.text(262_144, ax.get_ylim()[1] * 0.95, " 262,144 native", fontsize=8, va="top")

@@ -272,7 +272,8 @@ def plot_needle_heatmap(result, *, train_length: int | None = None, axes=None):
     r = result.as_dict() if isinstance(result, NeedleHeatmap) else result
     names = list(r["accuracy"])
     if axes is None:
-        fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names) + 1.2, 3.4), squeeze=False)
+        fig, axes = plt.subplots(1, len(names), figsize=(min(11.0, 3.6 * len(names) + 1.4), 3.8), squeeze=False,
+                                 layout="constrained")  # viz.DISPLAY_WIDTH: text stays >= 8 pt in a notebook
         axes = axes[0]
     else:
         fig = axes[0].figure
@@ -288,7 +289,7 @@ def plot_needle_heatmap(result, *, train_length: int | None = None, axes=None):
         for i in range(grid.shape[0]):
             for j in range(grid.shape[1]):
                 v = float(grid[i, j])
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8,  # viz.MIN_TEXT_PT
                         color="white" if v < 0.5 else "black")
         if train_length is not None and train_length in lengths:
             j = lengths.index(train_length)

@@ -1,0 +1,267 @@
+"""Every public plotting function, rendered on the `tiny` organism and checked from the drawn figure
+itself: what a reader would see at the notebook's display width.
+
+- head / layer axes carry whole-number ticks;
+- no text is smaller than 8 pt (after the notebook shrinks a figure wider than ``viz.DISPLAY_WIDTH``);
+- no two drawn texts overlap (their window extents after a draw), and none is cut off by the edge;
+- each colour-mapped image spans its colour range (data occupying < 5% of it fails), and its colour
+  bar names the quantity;
+- no token text is a ``\\u`` escape.
+
+The checker is tested too: figures with each defect are built by hand and must fail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from contextlib import contextmanager
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.text  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from qwen35_lab import multimodal as mm  # noqa: E402
+from qwen35_lab import sampling, viz  # noqa: E402
+from qwen35_lab import longctx as lc  # noqa: E402
+from qwen35_lab.widgets import TraceExplorer  # noqa: E402
+
+# a Thai word (no installed font need draw it) and a newline among ordinary words
+PROMPT = "The quick brown fox โคม jumps over the lazy dog.\nThe quick brown fox"
+CAPTURE = ["layers.*.deltanet.beta", "layers.*.deltanet.g", "layers.*.deltanet.state",
+           "layers.*.attn.probs", "layers.*.attn.summary", "layers.*.attn.gate"]
+ESCAPE = re.compile(r"\\u[0-9a-fA-F]{4}|\\U[0-9a-fA-F]{8}|\\x[0-9a-fA-F]{2}")
+WHOLE = re.compile(r"^[−-]?\d+$")
+CATEGORY_AXIS = re.compile(r"^(value |query |key |kv )?(head|layer)s?\b")  # "value head", "layer", ...
+
+
+# ----------------------------------------------------------------------------- the checker
+
+@contextmanager
+def _recording_texts():
+    """Record every Text that really draws (ticks outside the view and empty strings do not)."""
+    drawn = []
+    original = matplotlib.text.Text.draw
+
+    def draw(self, renderer):
+        original(self, renderer)
+        if self.get_visible() and self.get_text().strip():
+            drawn.append((self, self.get_window_extent(renderer)))
+
+    matplotlib.text.Text.draw = draw
+    try:
+        yield drawn
+    finally:
+        matplotlib.text.Text.draw = original
+
+
+def figure_problems(fig) -> list[str]:
+    """What is wrong with ``fig`` for a reader; empty when it passes."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # figures leave pyplot closed, with a blank canvas: draw as savefig would
+    with _recording_texts() as drawn:
+        canvas.draw()
+    problems = []
+    width = fig.get_size_inches()[0]
+    shrink = min(1.0, viz.DISPLAY_WIDTH / width)
+    edge = fig.bbox
+    for text, box in drawn:
+        s = text.get_text()
+        if text.get_fontsize() * shrink < viz.MIN_TEXT_PT - 1e-6:
+            problems.append(f"text {s!r} is {text.get_fontsize() * shrink:.1f} pt at the display width")
+        if ESCAPE.search(s):
+            problems.append(f"text {s!r} is an escape sequence")
+        if box.x0 < edge.x0 - 2 or box.y0 < edge.y0 - 2 or box.x1 > edge.x1 + 2 or box.y1 > edge.y1 + 2:
+            problems.append(f"text {s!r} is cut off by the figure's edge")
+    for (t1, b1), (t2, b2) in itertools.combinations(drawn, 2):
+        overlap_w = min(b1.x1, b2.x1) - max(b1.x0, b2.x0)
+        overlap_h = min(b1.y1, b2.y1) - max(b1.y0, b2.y0)
+        if overlap_w > 1.0 and overlap_h > 1.0:
+            problems.append(f"texts {t1.get_text()!r} and {t2.get_text()!r} overlap")
+    def scale(im):  # images on one scale share one colour bar
+        return type(im.norm), im.norm.vmin, im.norm.vmax, im.get_cmap().name
+
+    named = {scale(im) for ax in fig.axes for im in ax.images
+             if im.colorbar is not None and im.colorbar.ax.get_ylabel().strip()}
+    for ax in fig.axes:
+        for axis, name in ((ax.xaxis, ax.get_xlabel()), (ax.yaxis, ax.get_ylabel())):
+            if CATEGORY_AXIS.match(name):
+                lo, hi = sorted(axis.get_view_interval())
+                for loc, label in zip(axis.get_ticklocs(), axis.get_ticklabels()):
+                    if lo - 1e-9 <= loc <= hi + 1e-9 and label.get_text() and (
+                            not WHOLE.match(label.get_text()) or abs(loc - round(loc)) > 1e-9):
+                        problems.append(f"{name!r} axis has the tick {label.get_text()!r} at {loc:g}")
+        for im in ax.images:
+            data = np.ma.masked_invalid(np.ma.asarray(im.get_array(), dtype=float))
+            if data.ndim != 2:  # a photograph or a video frame: no colour scale
+                continue
+            values = data.compressed()
+            if values.size == 0 or values.min() == values.max():
+                continue
+            normed = np.clip(np.ma.filled(im.norm(values), np.nan), 0, 1)
+            spread = float(np.nanmax(normed) - np.nanmin(normed))
+            if spread < 0.05:
+                problems.append(f"image in {ax.get_title()!r} occupies {spread:.1%} of its colour range")
+            if scale(im) not in named:
+                problems.append(f"image in {ax.get_title()!r} has no named colour bar")
+    return problems
+
+
+def assert_readable(fig):
+    problems = figure_problems(fig)
+    assert not problems, "\n".join(problems[:20])
+
+
+# ----------------------------------------------------------------------------- the checker fails
+
+def test_the_checker_finds_each_defect():
+    fig = viz._new_figure((6, 3))
+    ax = fig.add_subplot()
+    im = ax.imshow(np.array([[0.97, 0.98], [0.975, 0.99]]), vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax)
+    ax.set_ylabel("head")
+    ax.set_yticks([-0.5, 0.0, 0.5])
+    ax.set_title("tiny title", fontsize=6)
+    ax.text(0.1, 0.1, "\\u0e42\\u0e04", transform=ax.transAxes, fontsize=9)
+    ax.text(0.1, 0.1, "on top", transform=ax.transAxes, fontsize=9)
+    found = "\n".join(figure_problems(fig))
+    for what in ("occupies", "no named colour bar", "tick '−0.5'", "'tiny title' is 6.0 pt", "escape sequence",
+                 "overlap"):
+        assert what in found, (what, found)
+    wide = viz._new_figure((6, 3))
+    wide.set_size_inches(22, 3)  # as if made without the width cap: the notebook shrinks it by half
+    wide.add_subplot().set_title("title", fontsize=10)
+    assert "pt at the display width" in "\n".join(figure_problems(wide))
+
+
+# ----------------------------------------------------------------------------- every plot
+
+@pytest.fixture(scope="module")
+def trace(tiny):
+    return tiny.run(PROMPT, capture=CAPTURE, chunk_size=4)
+
+
+@pytest.fixture(scope="module")
+def layers(tiny):
+    deltanet = [i for i, t in enumerate(tiny.layer_types) if t == "linear_attention"]
+    attention = [i for i, t in enumerate(tiny.layer_types) if t == "full_attention"]
+    return deltanet, attention
+
+
+def test_token_text_is_readable_where_no_font_draws_it(tiny, trace):
+    labels = viz.token_labels(trace)
+    ids = trace.tokens[0].tolist()
+    for label, i in zip(labels, ids):
+        text = tiny.tokenizer.decode([i]).replace("\n", "↵")
+        assert not ESCAPE.search(label)
+        drawable = all(ord(c) in viz._font_coverage() for c in text) and "\ufffd" not in text
+        if drawable:
+            assert label == text
+        else:  # the id and the token's own UTF-8 bytes, in hex
+            raw = bytes(viz._BYTE_DECODER[c] for c in tiny.tokenizer.convert_ids_to_tokens(i))
+            assert label.startswith(f"#{i} "), label
+            parts = re.split(r"(⟨[0-9a-f ]+⟩)", label[len(f"#{i} "):])
+            assert b"".join(bytes.fromhex(p[1:-1]) if p.startswith("⟨") else p.encode() for p in parts) == raw
+    assert any(label.startswith("#") for label in labels)  # the Thai word really was exercised
+
+
+@pytest.mark.parametrize("gate", ["beta", "g", "decay"])
+def test_gate_plots(trace, layers, gate):
+    assert_readable(viz.plot_gates(trace, layers[0][0], gate))
+    assert_readable(viz.plot_gates_overview(trace, gate))
+
+
+def test_decay_shows_the_forgotten_share_on_a_log_scale(trace, layers):
+    layer = layers[0][0]
+    fig = viz.plot_gates(trace, layer, "decay")
+    im = fig.axes[0].images[0]
+    g = trace[f"layers.{layer}.deltanet.g"][0].double()
+    np.testing.assert_allclose(im.get_array(), (1 - g.exp()).T.numpy(), rtol=1e-6)
+    assert isinstance(im.norm, matplotlib.colors.LogNorm)
+    assert "1 − exp(g)" in im.colorbar.ax.get_ylabel() and "log" in im.colorbar.ax.get_ylabel()
+
+
+def test_deltanet_plots(tiny, trace, layers):
+    layer = layers[0][1]
+    for fig in (viz.plot_half_life(trace), viz.plot_half_life(tiny), viz.plot_state_norms(trace, layer),
+                viz.plot_state_readout(trace, layer), viz.plot_effective_attention(trace, layer, 1),
+                viz.plot_state_contributions(trace.state_contributions(layer, trace.length - 1))):
+        assert_readable(fig)
+
+
+def test_attention_plots(tiny, trace, layers):
+    a = layers[1][0]
+    fig = viz.plot_attention(trace, a, 0)
+    assert_readable(fig)
+    assert isinstance(fig.axes[0].images[0].norm, matplotlib.colors.LogNorm)
+    for fig in (viz.plot_attention_summary(trace, a), viz.plot_attention_gate(trace, a),
+                viz.plot_next_token({"as run": trace, "again": trace}, tiny, k=8)):
+        assert_readable(fig)
+
+
+def test_explorer_figure(trace, layers):
+    ex = TraceExplorer(trace)
+    ex.select(layer=layers[0][-1], token=trace.length - 1)
+    assert_readable(ex.current_figure)
+
+
+def test_multimodal_plots(tiny):
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[1] / "data"
+    photo = next(p for p in sorted(data.rglob("*")) if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    clip = next(p for p in sorted(data.rglob("*")) if p.suffix.lower() in (".mp4", ".webm", ".avi", ".mov"))
+    msgs = [{"role": "user", "content": [{"type": "image", "image": str(photo), "max_pixels": 128 * 128},
+                                          {"type": "video", "video": str(clip), "num_frames": 8},
+                                          {"type": "text", "text": "Describe both."}]}]
+    info = mm.inspect_inputs(tiny, msgs)
+    for fig in (mm.plot_frames(info), mm.plot_patches(info), mm.plot_positions(info)):
+        assert_readable(fig)
+    tr = tiny.run(msgs, capture="layers.0.deltanet.beta")
+    fig = viz.plot_gates(tr, 0, "beta")
+    mm.mark_segments(fig.axes[0], info)
+    assert_readable(fig)
+
+
+def test_long_context_plots():
+    import qwen35_lab as ql
+
+    real = ql.config_for("Qwen3.5-9B")
+    rope = lc.yarn_for_context(1_010_000)
+    for fig in (lc.plot_rope_frequencies(real, rope), lc.plot_rope_decay(real, rope), lc.plot_memory()):
+        assert_readable(fig)
+    result = {"lengths": [254, 510, 1022], "depths": [0.0, 0.5, 1.0], "n": 8, "task": "passkey", "model": "needles",
+              "accuracy": {"default": [[1.0, 0.5, 0.125], [1.0, 0.375, 0.0], [1.0, 0.25, 0.0]],
+                           "yarn x4": [[1.0, 1.0, 0.875], [1.0, 0.875, 0.75], [1.0, 1.0, 0.625]]}}
+    assert_readable(lc.plot_needle_heatmap(result, train_length=254))
+
+
+def test_sampling_plots(tiny):
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for t, k, s in itertools.product([0.3, 0.7, 1.0, 1.5], [20, 50], range(6)):
+        d2 = float(np.clip(0.9 - 0.1 / t + rng.normal(0, 0.15), 0, 1))
+        rows.append({"temperature": t, "top_k": k, "distinct_2": d2, "repetition_rate": max(0.0, 0.05 - 0.02 * t +
+                     rng.normal(0, 0.05)), "entropy": 1.0 * t})  # entropy equal for both top_k: two lines on top
+    fig = sampling.plot_sweep(pd.DataFrame(rows), x="temperature", by="top_k",
+                              metrics=["distinct_2", "repetition_rate", "entropy"])
+    assert_readable(fig)
+    for ax in fig.axes[:2]:  # error bars stay inside the metric's [0, 1]
+        for coll in ax.collections:
+            for seg in coll.get_segments():
+                assert seg[:, 1].min() >= -1e-9 and seg[:, 1].max() <= 1 + 1e-9
+    # equal entropy curves: the panel names the line that lies on the other, and draws it dashed
+    assert "equal lines, dashed: top_k = 50 on 20" in fig.axes[2].get_title().replace("\n", " ")
+    assert "equal" not in fig.axes[0].get_title()
+    from qwen35_lab.sampling_panel import SamplingPanel
+
+    panel = SamplingPanel(tiny, prompt="โคม and colours", max_new_tokens=4)
+    assert_readable(panel.figure())
