@@ -670,7 +670,7 @@ def test_saving_a_trained_organism_writes_its_template(tmp_path):
 def test_official_templates_are_found_where_a_user_has_them(tmp_path, monkeypatch):
     """The oracle's finder: QWEN35_LAB_REFERENCE first, then any Qwen checkpoint in the HF cache
     (chat_template.jinja or tokenizer_config.json's chat_template); offline, nothing."""
-    from conftest import find_official_template
+    from official_templates import find_official_template
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
