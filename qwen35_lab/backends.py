@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from . import chat_format, checks, sampling
+from . import chat_format, checks, sampler
 from .checks import BadType, BadValue
 
 __all__ = ["SERVERS", "BackendError", "BadReply", "Completion", "OpenAIBackend", "RateLimited", "RetryPolicy",
@@ -228,9 +228,9 @@ class OpenAIBackend:
                             f"{', '.join(_SAMPLING_FIELDS)}; also preset, seed, enable_thinking, "
                             f"preserve_thinking, mm_processor_kwargs")
         # Validate with the local sampler's rules; send only what was asked for.
-        checked, preset_thinking, seed = sampling.resolve({**params, "preset": preset, "seed": seed,
+        checked, preset_thinking, seed = sampler.resolve({**params, "preset": preset, "seed": seed,
                                                            "enable_thinking": enable_thinking})
-        asked = dict(sampling.get_preset(preset).params.as_dict()) if preset is not None else {}
+        asked = dict(sampler.get_preset(preset).params.as_dict()) if preset is not None else {}
         asked.pop("frequency_penalty", None)
         asked.update(params)
         body: dict = {}

@@ -49,7 +49,7 @@ from datasets import Dataset, Features, List, Value
 
 from . import checks
 from ._io import atomic_file
-from .sampling import (PARAMETERS, _checkpoint_defaults, _row, distinct_n, repeated_tokens, repetition_rate,
+from .sampler import (PARAMETERS, _checkpoint_defaults, _row, distinct_n, repeated_tokens, repetition_rate,
                        resolve, sample)
 
 __all__ = ["DEFAULT_CONCURRENCY", "FEATURES", "FLUSH_ROWS", "FLUSH_SECONDS", "MAX_CONCURRENCY", "load_manifest"]
