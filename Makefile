@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints/local.txt
 
 setup: $(STAMP)
 
-## Open JupyterLab on notebooks/ (the notebooks run on the `tiny` organism unless
+## Open JupyterLab on notebooks/ (00, 04 and 05 run on the `chat` organism, the others on their own, unless
 ## QWEN35_LAB_MODEL names another model).
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root) $(LAB_ARGS)

@@ -265,9 +265,11 @@ class SamplingPanel:
 
 
 def _label(piece: str) -> str:
+    """A token as text: bytes decoded, a leading space shown as ``␣`` (``" Blue"`` → ``"␣Blue"``)."""
     from .viz import _readable
 
-    return _readable(piece)
+    text = _readable(piece)
+    return "␣" + text[1:] if text.startswith(" ") and text.strip() else text
 
 
 def _figure(stages: dict):

@@ -4,7 +4,9 @@
 organisms show real mechanisms: ``recall`` (multi-query associative recall,
 one [3 × Gated DeltaNet, 1 × gated attention] group), ``recall-linear`` (the
 same task, DeltaNet layers only) and ``passkey`` (one key word far back in
-filler, small RoPE base). Build or train them with
+filler, small RoPE base); ``chat`` speaks the real chat format with the real
+vocabulary — thinks when asked, calls tools, answers about images and video
+(:mod:`qwen35_lab.organisms.chat`). Build or train them with
 ``python -m qwen35_lab.organisms build tiny`` /
 ``python -m qwen35_lab.organisms train recall``, and measure them with
 :func:`evaluate`. The trainer is :func:`qwen35_lab.organisms.train.train`.
@@ -15,13 +17,27 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .tasks import evaluate
+from .tasks import evaluate as _evaluate_task
 
 __all__ = ["BUILDERS", "TRAINABLE", "organisms_dir", "available", "build", "evaluate"]
 
 BUILDERS = {"tiny": "qwen35_lab.organisms.tiny:build_tiny",
             "tiny-moe": "qwen35_lab.organisms.tiny_moe:build_tiny_moe"}  # a random-weight qwen3_5_moe
 TRAINABLE = ("recall", "recall-linear", "passkey", "needles")
+
+
+def evaluate(lab, task: str, **kwargs) -> dict:
+    """Measure an organism on fresh data.
+
+    ``task="chat"``: :func:`qwen35_lab.organisms.chat_eval.evaluate` (``n``, ``seed``, ``parts``:
+    replies generated to fresh conversations); any other task: :func:`qwen35_lab.organisms.tasks.evaluate`
+    (``length``, ``n``, ``seed``: teacher-forced answer accuracy).
+    """
+    if task == "chat":
+        from .chat_eval import evaluate as evaluate_chat
+
+        return evaluate_chat(lab, **kwargs)
+    return _evaluate_task(lab, task, **kwargs)
 
 
 def organisms_dir() -> Path:

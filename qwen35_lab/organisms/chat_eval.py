@@ -174,6 +174,24 @@ def _vision(lab, kind, seed, n, bar) -> dict:
     return result
 
 
+def vision_norms(lab, n: int = 6, seed: int = 5) -> dict:
+    """Mean norm of the vision tokens the merger hands the language model vs the text tokens' embeddings.
+
+    A language model reads its inputs through RMSNorm, whose gradient scales with ``1 / ||x||``: vision
+    tokens far larger than the text embeddings pass little gradient back into the vision tower.
+    """
+    rng = random.Random(seed)
+    vision, text = [], []
+    emb = lab.model.get_input_embeddings().weight
+    for _ in range(n):
+        conv = chat_data.make_conversation(rng, "image", thinking=False)
+        tr = lab.run(conv.messages, capture="visual.merger.out")
+        vision.append(float(tr["visual.merger.out"].float().norm(dim=-1).mean()))
+        ids = lab.tokenizer(conv.messages[-1]["content"][1]["text"], add_special_tokens=False)["input_ids"]
+        text.append(float(emb[ids].detach().float().norm(dim=-1).mean()))
+    return {"vision_token_norm": sum(vision) / n, "text_embedding_norm": sum(text) / n}
+
+
 def _open(lab, seed, n, bar) -> dict:
     messages = [{"role": "user", "content": "Name a colour."}]
     inputs = lab.prepare(messages, enable_thinking=False)
@@ -264,6 +282,8 @@ def evaluate(lab, *, n: int = 40, seed: int = 12345, parts=None, progress: bool 
             result[part] = _tools(lab, rng, n, bar)
         elif part in ("image", "video"):
             result[part] = _vision(lab, part, 2 * seed + (part == "video"), n, bar)
+            if part == "image":
+                result[part].update(vision_norms(lab))
         elif part == "open":
             result[part] = _open(lab, seed, n, bar)
         else:
@@ -426,6 +446,11 @@ def card(meta: dict, log: list[dict], *, size_bytes: int) -> str:
               f"| answers after the `tool` message that use its values | {_pct(to['answer_uses_tool_response'])} |",
               f"| tool-free questions (tools offered) answered without a call | {_pct(to['no_tool_without_call'])} |",
               f"| … and answered right | {_pct(to['no_tool_accuracy'])} |", ""]
+    if to["call_right_arguments"] < 0.9:
+        lines += [f"The calls always name the right function, but only {_pct(to['call_right_arguments'])} carry "
+                  "exactly the right arguments: the wrong ones swap a currency code for another "
+                  "(the tool schema's own examples, USD and EUR, pull the codes towards them) or, in thinking "
+                  "mode, put another city than the one asked about.", ""]
     if to["examples"]:
         e0 = to["examples"][0]
         lines += [f"Example: `{_cell(e0['prompt'])}` → `{_cell(json.dumps(e0['tool_calls']))}`.", ""]
@@ -437,6 +462,17 @@ def card(meta: dict, log: list[dict], *, size_bytes: int) -> str:
         for ask, acc in v["accuracy_by_question"].items():
             lines.append(f"| · {ask} ({v['questions'][ask]}) | {_pct(acc)} | | {_pct(v['ablated_by_question'].get(ask, float('nan')))} |")
     lines += ["", "Chance: one of 6 colours, 3 shapes, 9 positions (image); 4 directions, 6 colours, 2–4 frame pairs (video).", ""]
+    im, vi = ev["image"], ev["video"]
+    if im["accuracy"] < im["chance"] + 0.15 or vi["accuracy"] < vi["chance"] + 0.15:
+        lines += ["**Vision did not come out of training.** The answers to image and video questions are "
+                  "at or near chance and do not change when the pixels are replaced by flat grey: the model "
+                  "learned the answer format and the answers' prior, not to look. A measured reason: the "
+                  "vision tokens the merger hands the language model have a mean norm of "
+                  f"{im.get('vision_token_norm', float('nan')):.0f}, the text embeddings "
+                  f"{im.get('text_embedding_norm', float('nan')):.1f} (at initialisation 0.5 and 0.2). The first "
+                  "RMSNorm divides the gradient into the vision tower by that norm, so once the vision "
+                  "outputs grew, the tower stopped learning. Untried fixes: a smaller learning rate or weight "
+                  "decay for the vision tower, rescaling the merger's output, vision-only batches first.", ""]
     o = ev["open"]
     lines += ["### Open prompts and sampling", "",
               f"Next-token distribution after `{o['prompt']}` (non-thinking): entropy {o['entropy_nats']:.2f} nats, "
