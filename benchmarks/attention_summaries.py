@@ -5,7 +5,8 @@ query's attention distribution) come from :func:`qwen35_lab.ops.attention_summar
 a blockwise streaming softmax that never forms the ``T × T`` map. This script
 runs an organism on ``T`` random tokens in a fresh subprocess per length (one
 thread), once plainly (``lab.run(ids)``) and once capturing the summaries of
-its attention layer, and records wall time and the growth of peak resident
+its attention layer (``max_position_embeddings`` raised to ``T``: only the cost is measured, not
+what the organism answers), and records wall time and the growth of peak resident
 memory (``VmHWM``, reset through ``/proc/self/clear_refs``) of each.
 
     python benchmarks/attention_summaries.py            # 16K and 64K tokens (~5 min on 2 busy cores)
@@ -51,6 +52,10 @@ def worker(organism: str, T: int) -> dict:
 
     torch.set_num_threads(1)
     lab = ql.load(organism, dtype="float32", device="cpu")
+    from qwen35_lab.longctx.rope import text_config_of
+
+    text = text_config_of(lab.model)  # a timing run: let the default RoPE run past the organism's 32K
+    text.max_position_embeddings = max(text.max_position_embeddings, T)
     layer = [i for i, kind in enumerate(lab.layer_types) if kind == "full_attention"][-1]
     probe = f"layers.{layer}.attn.summary"
     vocab = lab.text_config.vocab_size
