@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("name", choices=sorted(BUILDERS))
     b.add_argument("--out", default=None, help="output directory (default: data/organisms/NAME)")
     t = sub.add_parser("train", help="train a task organism from a seed (CPU)")
-    t.add_argument("name", choices=sorted(set(TRAINABLE) | {"chat"}))
+    t.add_argument("name", choices=sorted(set(TRAINABLE) | {"chat", "moe-mix"}))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output directory (default: data/organisms/NAME)")
     t.add_argument("--minutes", type=float, default=None, help="wall-clock cap (default 55; chat: 70)")
@@ -43,6 +43,10 @@ def main(argv: list[str] | None = None) -> int:
             from .chat import train as train_chat
 
             path = train_chat(seed=args.seed, out_dir=args.out, **({} if args.minutes is None else {"minutes": args.minutes}))
+        elif args.name == "moe-mix":
+            from .moe_mix import train as train_moe_mix
+
+            path = train_moe_mix(seed=args.seed, out_dir=args.out, **({} if args.minutes is None else {"minutes": args.minutes}))
         else:
             from .train import train
 
@@ -57,6 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         task = (lab.meta or {}).get("task")
         if task is None:
             parser.error(f"{args.name!r} is not a trained task organism (no 'task' in its qwen35_lab.json)")
+        if task == "moe-mix":
+            from .moe_mix import TASKS, evaluate as evaluate_moe_mix
+
+            print(json.dumps({t: evaluate_moe_mix(lab, t, n=args.n, seed=args.seed) for t in TASKS}))
+            return 0
         if task == "chat":
             from .chat_eval import evaluate as evaluate_chat
 
