@@ -7,8 +7,12 @@ position with :func:`~qwen35_lab.instrument.write_memory` / :func:`~qwen35_lab.i
 - **transplant**: a pair ``kX vY`` absent from the prompt is taken from a donor prompt (its keys and
   values as the model wrote them there) and written at ``?``; the sequence then asks ``kX`` first
   (``… ? kX vY`` followed by the prompt's own queries). Success: the answer at ``kX`` is ``vY``.
-- **erase**: one stored pair's keys are erased at ``?``; its query should fall to chance, the other
-  seven keep their accuracy.
+- **erase**: one stored pair is erased at ``?``; its query should fall to chance, the other seven keep
+  their accuracy. Two erasures: ``by="key"`` projects the pair's key directions out of the state
+  (everything stored along them goes, the neighbours' share included), ``by="write"`` removes what the
+  pair's writes still hold there (``S ← S − Σ_s C_s``, the attribution's terms: the state as if those
+  tokens had written nothing). Chance is reported three ways: one of all 64 values, one of the prompt's
+  8 values, and the model's own rate with layer 0 writing nothing (``β = 0``).
 - **overwrite**: a stored pair's keys get a new value (a donor pair's value vectors); the answer
   should change to it.
 - **attribution**: at each query, the share of the state's mass (``Σ_s ‖C_s‖``) held by the pair
@@ -18,9 +22,14 @@ Where the pair is written: the causal conv (kernel 4) mixes each token with the 
 so the pair ``k_j v_j`` (tokens ``2j``, ``2j+1``) reaches the state through the writes at ``2j+1``
 (the value token) and ``2j+2`` (the next token, whose window still holds both). Variants: ``main``
 uses the write at ``2j+2`` only, ``both`` the two writes (each taken from the same position of the
-donor). Every edit has two controls: ``random_control``, a random rank-one change of the same Frobenius
-norm (``edit.random_control(seed)``), and ``random_key_control``, the same write / erase with a random
-unit key (``edit.random_control(seed, match="key")``). Rates come with 95% bootstrap intervals over prompts.
+donor). Every edit has three controls: ``random_control``, a random rank-one change of the same Frobenius
+norm (``edit.random_control(seed)``), ``random_control_x0.25``, the same at a quarter of the norm
+(``scale=0.25``: how large a random change the head tolerates), and ``random_key_control``, the same write /
+erase with a random unit key (``edit.random_control(seed, match="key")``). Erasing by write has a fourth,
+``absent_pair_control``: remove the writes of a pair this prompt does not hold (its donor's pair, as the
+donor wrote it): a change of the same kind and size that is not this prompt's association. The erase also
+reports how far each edit moves the other keys' reads at ``?`` (``‖ΔSᵀq̂‖ / ‖Sᵀq̂‖``, queries of the
+other seven pairs). Rates come with 95% bootstrap intervals over prompts.
 
 Run:  python benchmarks/state_memory.py [--n 600] [--seed 20250] [--out benchmarks/results/state_memory.json]
 """
@@ -50,6 +59,7 @@ LAYER = 0
 N_PAIRS = 8
 STATE = f"layers.{LAYER}.deltanet.state"
 VARIANTS = {"main": (2,), "both": (1, 2)}  # offsets of the pair's writes after its key token
+ERASE_BY = ("key", "write")
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -116,15 +126,21 @@ def run_logits(lab, ids, edits=None) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- experiments
 
-def edit_table(lab, ids, make_edit, name: str, seed: int, measure) -> dict:
-    """``measure(logits)`` under the edit and its two controls, for every variant and head set."""
+def edit_table(lab, ids, make_edit, name: str, seed: int, measure, extra=None) -> dict:
+    """``measure(logits)`` under the edit and its controls, for every variant and head set.
+
+    ``extra(offsets, heads, edit)``: more (condition, edit) pairs, and a dict of further numbers."""
     out = {}
     for variant, offsets in VARIANTS.items():
         for heads_name, heads in _head_sets(lab):
             edit = make_edit(offsets, heads)
-            conds = ((name, edit), ("random_control", edit.random_control(seed)),
-                     ("random_key_control", edit.random_control(seed, match="key")))
-            out[f"{variant}/{heads_name}"] = {c: measure(run_logits(lab, ids, {STATE: e})) for c, e in conds}
+            conds = [(name, edit), ("random_control", edit.random_control(seed)),
+                     ("random_control_x0.25", edit.random_control(seed, scale=0.25)),
+                     ("random_key_control", edit.random_control(seed, match="key"))]
+            more = extra(offsets, heads, edit) if extra else ([], {})
+            row = {c: measure(run_logits(lab, ids, {STATE: e})) for c, e in conds + more[0]}
+            row.update(more[1])
+            out[f"{variant}/{heads_name}"] = row
     return out
 
 
@@ -153,8 +169,8 @@ def transplant(lab, items, donor_tr) -> dict:
     return out
 
 
-def erase(lab, items, own_tr) -> dict:
-    """Erase pair ``target``'s keys at ``?``: its query against the other seven."""
+def erase(lab, items, own_tr, donor_tr) -> dict:
+    """Erase pair ``target`` at ``?`` (by its keys, or by its writes): its query against the other seven."""
     q_pos = 2 * N_PAIRS
     rows = [it["words"] for it in items]
     ids = ids_of(lab, rows)
@@ -169,15 +185,51 @@ def erase(lab, items, own_tr) -> dict:
     base = run_logits(lab, ids)
     out["no_edit"] = {"erased_key": summary(answer_hits(lab, base, rows, target_q)),
                       "other_keys": summary(answer_hits(lab, base, rows, other_q))}
-    def make(offsets, heads):
-        pos = [[2 * it["target"] + o for it in items] for o in offsets]
-        return erase_memory([key_from(own_tr, p) for p in pos], positions=[q_pos], heads=heads)
+    nothing = run_logits(lab, ids, {f"layers.{LAYER}.deltanet.beta": 0.0})
+    out["chance_layer_writes_nothing"] = {"erased_key": summary(answer_hits(lab, nothing, rows, target_q)),
+                                          "other_keys": summary(answer_hits(lab, nothing, rows, other_q))}
+    measure = lambda lg: {"erased_key": summary(answer_hits(lab, lg, rows, target_q)),  # noqa: E731
+                          "other_keys": summary(answer_hits(lab, lg, rows, other_q)),
+                          "matched_chance": round(_matched_chance(lab, lg, items, target_q), 4)}
+    q_other = _other_queries(own_tr, items)  # [B, 7, HV, K]
+    for by in ERASE_BY:
+        def make(offsets, heads, by=by):
+            pos = [[2 * it["target"] + o for it in items] for o in offsets]
+            return erase_memory([key_from(own_tr, p) for p in pos], positions=[q_pos], heads=heads, by=by)
 
-    out.update(edit_table(lab, ids, make, "erase", 2, lambda lg: {
-        "erased_key": summary(answer_hits(lab, lg, rows, target_q)),
-        "other_keys": summary(answer_hits(lab, lg, rows, other_q)),
-        "matched_chance": round(_matched_chance(lab, lg, items, target_q), 4)}))
+        def extra(offsets, heads, edit, by=by):
+            conds = []
+            if by == "write":  # the same kind of change, from a pair this prompt does not hold
+                dpos = [[2 * it["donor_pair"] + o for it in items] for o in offsets]
+                conds.append(("absent_pair_control", erase_memory([key_from(donor_tr, p) for p in dpos],
+                                                                  positions=[q_pos], heads=heads, by="write")))
+            moved = {c: _read_change(lab, ids, own_tr, e, q_other, q_pos)
+                     for c, e in [("erase", edit), ("random_control", edit.random_control(2))] + conds}
+            return conds, {"other_reads_moved": moved}
+
+        for k, v in edit_table(lab, ids, make, "erase", 2, measure, extra).items():
+            out[f"by_{by}/{k}"] = v
     return out
+
+
+def _other_queries(own_tr, items) -> torch.Tensor:
+    """The normalised queries of the seven pairs that are not erased ``[B, 7, HV, K]``."""
+    q = own_tr.state_inputs(LAYER)["q"].float()  # [B, T, HV, K]
+    rows = []
+    for b, it in enumerate(items):
+        key = it["words"][2 * it["target"]]
+        rows.append(torch.stack([q[b, p - 1] for p, _ in it["answers"] if it["words"][p - 1] != key]))
+    q = torch.stack(rows)
+    return q / q.norm(dim=-1, keepdim=True)
+
+
+def _read_change(lab, ids, own_tr, edit, q_other, t: int) -> list[float]:
+    """Per head: mean over prompts and the other keys of ``‖ΔSᵀq̂‖ / ‖Sᵀq̂‖`` for the edit at ``t``."""
+    S = own_tr.state(LAYER, t).float()  # [B, HV, K, V]
+    S_edit = lab.run(ids[:, : t + 1], capture=STATE, edits={STATE: edit}).state(LAYER, t).float()
+    before = torch.einsum("bhkv,bqhk->bqhv", S, q_other).norm(dim=-1)
+    moved = torch.einsum("bhkv,bqhk->bqhv", S_edit - S, q_other).norm(dim=-1)
+    return [round(float(x), 4) for x in (moved / before.clamp_min(1e-12)).mean((0, 1))]
 
 
 def _matched_chance(lab, logits, items, target_q) -> float:
@@ -292,7 +344,7 @@ def main(argv=None) -> dict:
         items = make_prompts(args.n, args.seed)
         own_tr = lab.run(ids_of(lab, [it["words"] for it in items]), capture=STATE)
         donor_tr = lab.run(ids_of(lab, [it["donor"] for it in items]), capture=STATE)
-        r = {"transplant": transplant(lab, items, donor_tr), "erase": erase(lab, items, own_tr),
+        r = {"transplant": transplant(lab, items, donor_tr), "erase": erase(lab, items, own_tr, donor_tr),
              "overwrite": overwrite(lab, items, own_tr, donor_tr), "attribution": attribution(lab, items, own_tr)}
         r["seconds"] = round(time.time() - t0, 1)
         result["organisms"][org] = r
@@ -314,19 +366,28 @@ def _print(org: str, r: dict) -> None:
     for exp, main_key, cond in (("transplant", "written_answer", "write"), ("erase", "erased_key", "erase"),
                                 ("overwrite", "new_value", "overwrite")):
         res = r[exp]
-        print(f"{exp:<10} {'variant':<18} {main_key + ' (edit)':<30} {'(random control)':<26} "
-              f"{'other keys (edit)':<26} {'other keys (control)':<26} {'(random key): main / others'}")
-        print(f"{'':<10} {'no_edit':<18} {_fmt(res['no_edit'][main_key]):<30} {'':<26} "
+        print(f"{exp:<10} {'variant':<26} {main_key + ' (edit)':<30} {'(random control)':<26} "
+              f"{'other keys (edit)':<26} {'other keys (control)':<26} {'(x0.25) main / others':<22} "
+              f"{'(random key): main / others'}")
+        print(f"{'':<10} {'no_edit':<26} {_fmt(res['no_edit'][main_key]):<30} {'':<26} "
               f"{_fmt(res['no_edit']['other_keys']):<26}")
         for v, d in res.items():
             if not isinstance(d, dict) or cond not in d:
                 continue
-            print(f"{'':<10} {v:<18} {_fmt(d[cond][main_key]):<30} {_fmt(d['random_control'][main_key]):<26} "
+            q = d["random_control_x0.25"]
+            print(f"{'':<10} {v:<26} {_fmt(d[cond][main_key]):<30} {_fmt(d['random_control'][main_key]):<26} "
                   f"{_fmt(d[cond]['other_keys']):<26} {_fmt(d['random_control']['other_keys']):<26} "
+                  f"{q[main_key]['rate']:.3f} / {q['other_keys']['rate']:.3f}{'':<8} "
                   f"{d['random_key_control'][main_key]['rate']:.3f} / {d['random_key_control']['other_keys']['rate']:.3f}")
+            if "absent_pair_control" in d:
+                a = d["absent_pair_control"]
+                print(f"{'':<37} absent pair control: {_fmt(a[main_key])} / others {_fmt(a['other_keys'])}")
+            if "other_reads_moved" in d:
+                print(f"{'':<37} other keys' reads moved (per head): {d['other_reads_moved']}")
         if exp == "erase":
             print(f"{'':<10} chance: {res['chance_prompt_values']} (one of the prompt's values), "
-                  f"{res['chance_all_values']} (one of all values)")
+                  f"{res['chance_all_values']} (one of all values), "
+                  f"{_fmt(res['chance_layer_writes_nothing']['erased_key'])} (layer {LAYER} writes nothing)")
     a = r["attribution"]
     print(f"attribution: pair tokens' share of the state's mass at the queries, per head: "
           f"{a['pair_tokens_share_of_mass']} (they are {a['pair_tokens_fraction_of_tokens']} of the tokens); "
