@@ -370,8 +370,6 @@ def _pct(x: float) -> str:
 
 def card(meta: dict, log: list[dict], *, size_bytes: int) -> str:
     """The organism's README.md, from its meta (with ``evaluation``) and training log."""
-    from . import chat
-
     r = meta["recipe"]
     ev = meta["evaluation"]
     n = ev["n"]
