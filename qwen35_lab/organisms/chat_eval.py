@@ -492,7 +492,6 @@ def card(meta: dict, log: list[dict], *, size_bytes: int) -> str:
               f"python -m qwen35_lab.organisms evaluate chat --n {n} --seed {ev['seed']}", "```", "",
               "Data come from `random.Random(seed)` in this process and initialisation from `torch.manual_seed(seed)`; "
               "the run stops at a fixed step count unless the wall-clock cap hits first.", ""]
-    _ = chat  # the recipe's home
     return "\n".join(lines)
 
 
