@@ -24,6 +24,7 @@ from transformers.models.qwen3_5_moe import modeling_qwen3_5_moe as hf_moe
 
 from .. import ops
 from ..ops import attention as attention_ops
+from ..ops.dispatch import backend_for
 from ..checks import BadType
 
 __all__ = ["instrument", "uninstrument", "is_instrumented", "Hub"]
@@ -227,8 +228,10 @@ class InstrumentedAttention(hf.Qwen3_5Attention):
 
         fused = None
         if p + "summary" in s.capture:
-            if pad is None and p + "probs" not in s.edits and not self.training:
-                # CPU: the output and the summaries from one flash pass (None where it does not apply)
+            if (pad is None and p + "probs" not in s.edits and not self.training
+                    and backend_for(query_states.device) == "torch"):
+                # the torch ops: the output and the summaries from one flash pass (None where it does not
+                # apply); where the Triton kernels are chosen, they compute the summaries
                 fused = attention_ops.causal_attention_with_summaries(query_states, key_states, value_states,
                                                                       scaling=self.scaling)
             summary = fused[1] if fused is not None else ops.attention_summaries(

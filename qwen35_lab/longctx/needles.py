@@ -24,7 +24,6 @@ against the budgets — a grid over budget is refused with the estimate.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field

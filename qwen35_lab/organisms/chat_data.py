@@ -32,7 +32,6 @@ Generators are pure functions of a ``random.Random``: data are reproducible from
 from __future__ import annotations
 
 import json
-import math
 import random
 from dataclasses import dataclass, field
 
