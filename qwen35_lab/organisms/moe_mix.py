@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from .._io import atomic_directory
+from ..chat_format import TEMPLATES
 from . import tasks
 
 __all__ = ["NAME", "TASKS", "vocabulary", "build_tokenizer", "make_batch", "model_config", "train", "evaluate",
@@ -176,6 +177,7 @@ def train(*, seed: int = 0, out_dir: str | Path | None = None, minutes: float = 
     with atomic_directory(out) as tmp:
         model.generation_config = GenerationConfig(pad_token_id=0, eos_token_id=2, do_sample=False)
         model.save_pretrained(tmp)  # fp32: the organism is small and the measurements are exact
+        tokenizer.chat_template = TEMPLATES["qwen3.5"]  # apply_chat_template works, as lab.render
         tokenizer.save_pretrained(tmp)
         meta = {"organism": NAME, "task": "moe-mix", "tasks": list(TASKS), "seed": seed, "chat_template": "qwen3.5",
                 "eval_lengths": EVAL_LENGTHS, "config": CONFIG, "train": TRAIN, "steps": log[-1]["step"] if log else 0,
