@@ -61,3 +61,12 @@ def test_bad_input(mix, tiny):
         moe_mix.evaluate(mix, "needles")
     with pytest.raises(BadValue, match="not the moe-mix organism"):
         moe_mix.evaluate(tiny, "recall")
+
+
+def test_the_common_evaluate_serves_moe_mix():
+    import qwen35_lab as ql
+    from qwen35_lab.organisms import evaluate, moe_mix
+
+    lab = ql.load("moe-mix", device="cpu")
+    for task in ("recall", "passkey"):
+        assert evaluate(lab, task, n=20, seed=5)["accuracy"] == moe_mix.evaluate(lab, task, n=20, seed=5)["accuracy"]

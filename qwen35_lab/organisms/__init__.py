@@ -30,13 +30,18 @@ def evaluate(lab, task: str, **kwargs) -> dict:
     """Measure an organism on fresh data.
 
     ``task="chat"``: :func:`qwen35_lab.organisms.chat_eval.evaluate` (``n``, ``seed``, ``parts``:
-    replies generated to fresh conversations); any other task: :func:`qwen35_lab.organisms.tasks.evaluate`
+    replies generated to fresh conversations); on ``moe-mix``: :func:`qwen35_lab.organisms.moe_mix.evaluate`
+    (``task`` one of its two tasks); any other task: :func:`qwen35_lab.organisms.tasks.evaluate`
     (``length``, ``n``, ``seed``: teacher-forced answer accuracy).
     """
     if task == "chat":
         from .chat_eval import evaluate as evaluate_chat
 
         return evaluate_chat(lab, **kwargs)
+    if (getattr(lab, "meta", None) or {}).get("organism") == "moe-mix":
+        from .moe_mix import evaluate as evaluate_moe_mix  # its prompts carry a task token
+
+        return evaluate_moe_mix(lab, task, **kwargs)
     return _evaluate_task(lab, task, **kwargs)
 
 
