@@ -209,110 +209,129 @@ def mutual_information(experts: torch.Tensor, labels: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------ plots
 def _ax(ax, figsize):
-    import matplotlib.pyplot as plt
+    """``ax``, or the axes of a new figure no wider than the notebook shows unshrunk (``viz.DISPLAY_WIDTH``)."""
+    from . import viz
 
     if ax is None:
-        _, ax = plt.subplots(figsize=figsize)
+        ax = viz._new_figure(figsize).add_subplot()
     return ax
 
 
-def _int_ticks(axis):
+def _heatmap(ax, m: torch.Tensor, label: str, *, bounds=None):
+    """``m`` on a sequential map whose norm comes from the data and is named on the colour bar."""
+    from . import viz
+
+    norm, scale = viz._magnitude_norm(m.numpy(), bounds=bounds)
+    im = ax.imshow(m.numpy(), aspect="auto", cmap=viz._cmap(viz.SEQUENTIAL), norm=norm, interpolation="nearest")
+    viz._colorbar(ax.figure, im, ax, label, scale)
+    return im
+
+
+def _int_ticks(ax, axis: str, label: str):
     from matplotlib.ticker import MaxNLocator
 
-    axis.set_major_locator(MaxNLocator(integer=True))
+    from . import viz
+
+    target = ax.xaxis if axis == "x" else ax.yaxis
+    target.set_major_locator(MaxNLocator(integer=True))
+    ax.tick_params(axis=axis, labelsize=viz.TEXT_PT["tick"])
+    (ax.set_xlabel if axis == "x" else ax.set_ylabel)(label, fontsize=viz.TEXT_PT["label"])
 
 
 def plot_expert_load(trace, layers=None, *, what: str = "mass", ax=None, num_experts: int | None = None):
     """Heat map layers × experts of routing ``mass`` (or ``counts``) relative to the balanced load (1 = balanced)."""
+    from . import viz
+
     if what not in ("mass", "counts"):
         raise BadValue(f"what must be 'mass' or 'counts', got {what!r}")
     load = expert_load(trace, layers, num_experts=num_experts)
     Ls = sorted(load)
     rel = torch.stack([load[L][what] / load[L][f"balanced_{what}"] for L in Ls])  # [layers, E]
-    ax = _ax(ax, (min(12, 3 + 0.35 * rel.shape[1]), 1.2 + 0.35 * len(Ls)))
-    im = ax.imshow(rel.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=float(rel.max()))
-    ax.set_yticks(range(len(Ls)), [str(L) for L in Ls])
-    _int_ticks(ax.xaxis)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("layer")
-    ax.set_title(f"expert load ({what}), relative to a balanced router")
-    ax.figure.colorbar(im, ax=ax, label=f"{what} / balanced (linear, 0 to max)")
+    ax = _ax(ax, (min(viz.DISPLAY_WIDTH, 3.5 + 0.3 * rel.shape[1]), 1.6 + 0.3 * len(Ls)))
+    _heatmap(ax, rel, f"{what} / balanced\n(1 = balanced)")
+    viz._category_axis(ax, "y", Ls, label="layer")
+    viz._category_axis(ax, "x", range(rel.shape[1]), label="expert")
+    viz._title(ax, f"expert load ({what}), relative to a balanced router")
     return ax
 
 
 def plot_token_experts(trace, layer: int, *, batch: int = 0, ax=None, max_tokens: int = 80,
                        num_experts: int | None = None):
     """Tokens × experts routing weights of one layer (the first ``max_tokens`` captured tokens)."""
-    m = token_expert_map(trace, layer, batch=batch, num_experts=num_experts)[:max_tokens]
-    positions = trace.positions(f"layers.{layer}.moe.topk_ids")[:m.shape[0]]
-    strings = trace.token_strings
-    labels = [strings[p] if p < len(strings) else str(p) for p in positions]
-    ax = _ax(ax, (min(12, 3 + 0.3 * m.shape[1]), 1.5 + 0.16 * m.shape[0]))
-    im = ax.imshow(m.numpy(), aspect="auto", cmap="magma", vmin=0, vmax=1)
-    ax.set_yticks(range(len(labels)), [s.replace("Ġ", " ").replace("Ċ", "\\n")[:14] for s in labels], fontsize=8)
-    _int_ticks(ax.xaxis)
-    ax.set_xlabel("expert")
-    ax.set_title(f"layer {layer}: routing weight of each token")
-    ax.figure.colorbar(im, ax=ax, label="routing weight (linear, 0 to 1)")
+    from . import viz
+
+    m = token_expert_map(trace, layer, batch=batch, num_experts=num_experts)[:max_tokens]  # [T, E]
+    positions = list(trace.positions(f"layers.{layer}.moe.topk_ids")[:m.shape[0]])
+    ax = _ax(ax, (min(viz.DISPLAY_WIDTH, 4.5 + 0.3 * m.shape[1]), 1.5 + 0.16 * m.shape[0]))
+    _heatmap(ax, m, "routing weight", bounds=(0.0, 1.0))
+    viz._token_axis(ax, "y", trace, positions)
+    viz._category_axis(ax, "x", range(m.shape[1]), label="expert")
+    viz._title(ax, f"layer {layer}: routing weight of each token")
     return ax
 
 
 def plot_router_entropy(trace, layers=None, *, batch: int = 0, ax=None):
     """Router entropy (nats) per token, one line per layer, with log E (a uniform router) dashed."""
+    from . import viz
+
     Ls = _layers_arg(trace, layers, "router_logits")
-    ax = _ax(ax, (8, 3))
+    ax = _ax(ax, (8, 3.2))
     E = None
     for L in Ls:
         h = router_entropy(trace, L)[batch]
         E = _layer(trace, L, "router_logits").shape[-1]
         ax.plot(trace.positions(f"layers.{L}.moe.router_logits")[:h.numel()], h.numpy(), label=f"layer {L}", lw=1)
     ax.axhline(math.log(E), ls="--", color="grey", lw=1, label=f"uniform (log {E})")
-    ax.set_ylim(0, 1.35 * math.log(E))  # room for the legend above the uniform line
-    _int_ticks(ax.xaxis)
-    ax.set_xlabel("token position")
-    ax.set_ylabel("router entropy (nats)")
-    ax.legend(fontsize=8, ncol=2)
+    ax.set_ylim(0, 1.05 * math.log(E))
+    _int_ticks(ax, "x", "token position")
+    ax.set_ylabel("router entropy (nats)", fontsize=viz.TEXT_PT["label"])
+    ax.tick_params(axis="y", labelsize=viz.TEXT_PT["tick"])
+    ax.legend(fontsize=viz.TEXT_PT["tick"], ncol=1 + len(Ls) // 12, loc="upper left", bbox_to_anchor=(1.01, 1.0),
+              borderaxespad=0)
+    viz._title(ax, "router entropy of each token")
     return ax
 
 
 def plot_coactivation(trace, layer: int, *, ax=None, num_experts: int | None = None):
     """Expert × expert co-activation counts of one layer."""
-    c = coactivation(trace, layer, num_experts=num_experts)
-    ax = _ax(ax, (5, 4.2))
-    im = ax.imshow(c.numpy(), cmap="viridis", vmin=0, vmax=float(c.max()))
-    _int_ticks(ax.xaxis)
-    _int_ticks(ax.yaxis)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("expert")
-    ax.set_title(f"layer {layer}: tokens routed to both")
-    ax.figure.colorbar(im, ax=ax, label="tokens (linear, 0 to max)")
+    from . import viz
+
+    c = coactivation(trace, layer, num_experts=num_experts)  # [E, E]
+    ax = _ax(ax, (5.5, 4.6))
+    _heatmap(ax, c, "tokens routed to both")
+    ax.set_aspect("equal")
+    viz._category_axis(ax, "x", range(c.shape[1]), label="expert")
+    viz._category_axis(ax, "y", range(c.shape[0]), label="expert")
+    viz._title(ax, f"layer {layer}: tokens routed to both (diagonal: to the expert)")
     return ax
 
 
 def plot_routing_by_segment(trace, layer: int, labels=None, *, batch: int = 0, ax=None,
                             num_experts: int | None = None):
     """Segments × experts: the share of each segment's routing weight that goes to each expert."""
+    from . import viz
+
     by = routing_by_segment(trace, layer, labels, batch=batch, num_experts=num_experts)
     names = list(by)
-    m = torch.stack([by[n] for n in names])
-    ax = _ax(ax, (min(12, 3 + 0.35 * m.shape[1]), 1.2 + 0.4 * len(names)))
-    im = ax.imshow(m.numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=float(m.max()))
-    ax.set_yticks(range(len(names)), names)
-    _int_ticks(ax.xaxis)
-    ax.set_xlabel("expert")
-    ax.set_title(f"layer {layer}: routing by segment")
-    ax.figure.colorbar(im, ax=ax, label="share of the segment's weight (linear, 0 to max)")
+    m = torch.stack([by[n] for n in names])  # [segments, E]
+    ax = _ax(ax, (min(viz.DISPLAY_WIDTH, 4.5 + 0.3 * m.shape[1]), 1.6 + 0.35 * len(names)))
+    _heatmap(ax, m, "share of the\nsegment's weight")
+    viz._category_axis(ax, "y", names, label="segment")
+    viz._category_axis(ax, "x", range(m.shape[1]), label="expert")
+    viz._title(ax, f"layer {layer}: routing by segment")
     return ax
 
 
 def plot_routing_similarity(trace_a, trace_b, layers=None, *, ax=None, labels=("a", "b")):
     """Per-layer cosine similarity of two prompts' expert loads."""
+    from . import viz
+
     sim = routing_similarity(trace_a, trace_b, layers)
-    ax = _ax(ax, (7, 2.8))
+    ax = _ax(ax, (7, 3))
     ax.bar(list(sim), list(sim.values()), color="tab:blue")
-    ax.set_ylim(0, 1)
-    _int_ticks(ax.xaxis)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("cosine similarity")
-    ax.set_title(f"routing similarity: {labels[0]} vs {labels[1]}")
+    ax.set_ylim(0, 1.05)
+    _int_ticks(ax, "x", "layer")
+    ax.set_ylabel("cosine similarity", fontsize=viz.TEXT_PT["label"])
+    ax.tick_params(axis="y", labelsize=viz.TEXT_PT["tick"])
+    viz._title(ax, f"routing similarity: {labels[0]} vs {labels[1]}")
     return ax

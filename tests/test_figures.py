@@ -265,3 +265,26 @@ def test_sampling_plots(tiny):
 
     panel = SamplingPanel(tiny, prompt="โคม and colours", max_new_tokens=4)
     assert_readable(panel.figure())
+
+
+@pytest.fixture(scope="module")
+def moe_trace():
+    import qwen35_lab as ql
+
+    lab = ql.load("tiny-moe", dtype="float32", device="cpu")
+    text = "Experts are chosen per token by a router; the shared expert sees every token. โคม\n" * 2
+    return lab.run(text, capture="layers.*.moe.*")
+
+
+def test_moe_plots(moe_trace):
+    from qwen35_lab import moe
+
+    tr = moe_trace
+    layer = moe.moe_layers(tr)[-1]
+    half = tr.length // 2
+    segments = ["first"] * half + ["second"] * (tr.length - half)
+    for ax in (moe.plot_expert_load(tr), moe.plot_expert_load(tr, what="counts"), moe.plot_token_experts(tr, layer),
+               moe.plot_router_entropy(tr), moe.plot_coactivation(tr, layer),
+               moe.plot_routing_by_segment(tr, layer, segments), moe.plot_routing_similarity(tr, tr)):
+        assert ax.figure.get_size_inches()[0] <= viz.DISPLAY_WIDTH
+        assert_readable(ax.figure)
