@@ -288,3 +288,45 @@ def test_moe_plots(moe_trace):
                moe.plot_routing_by_segment(tr, layer, segments), moe.plot_routing_similarity(tr, tr)):
         assert ax.figure.get_size_inches()[0] <= viz.DISPLAY_WIDTH
         assert_readable(ax.figure)
+
+
+def test_long_context_notebook_plots(tiny):
+    from qwen35_lab import longctx as lc
+
+    rows = lambda xs, ys, **k: [dict(tokens=x, accuracy=y, **k) for x, y in zip(xs, ys)]  # noqa: E731
+    lengths = [74, 266, 1034, 4106]
+    attention = {name: [{"tokens": t, "needle_attention": a / (1 + i), "entropy": 4 + i * s, "sink_mass": 0.003 / (1 + i),
+                         "mean_distance": 120 * (1 + i) * 4 ** i} for i, t in enumerate(lengths[1:])]
+                 for name, a, s in (("default", 0.16, 1.2), ("yarn x4", 0.15, 0.8))}
+    loss = {name: {"rows": [{"tokens": 2058, "distance": d, "loss": 1e-4 * f * (1 + d / 1000),
+                             "loss_attention_only": 10 + f * d / 1000} for d in (4, 512, 1024, 2048)]}
+            for name, f in (("default", 2.0), ("yarn x8", 1.0))}
+    short = {"yarn x2": [{"tokens": 42, "kl_default_to_yarn": 1.6e-9, "kl_default_to_yarn_attention_only": 3.3e-6,
+                          "top1_agreement_attention_only": 1.0}]}
+    exp = {"passkey": {"train_length": 256, "accuracy": {"default": rows(lengths, [1, 1, 1, 1]),
+                                                         "yarn x4": rows(lengths, [1, 1, 1, 1])},
+                       "attention_only_accuracy": {"default": rows(lengths, [0.12, 0.12, 0.04, 0.0]),
+                                                   "yarn x4": rows(lengths, [0.12, 0.12, 0.15, 0.1])},
+                       "attention": attention, "loss_by_needle_position": loss, "short_inputs": short},
+           "recall": {"train_tokens": 33, "accuracy": {"default": rows([17, 33, 65], [1.0, 0.97, 0.7])}}}
+    fig = lc.plot_length_accuracy(exp)
+    assert_readable(fig)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "yarn x4 (on default)" in legend  # equal accuracy curves: named, not hidden
+    assert not any("(on" in t.get_text() for t in fig.axes[1].get_legend().get_texts())
+    for fig in (lc.plot_attention_at_question(exp["passkey"]), lc.plot_answer_loss(exp["passkey"])):
+        assert fig.get_size_inches()[0] <= 10
+        assert_readable(fig)
+    assert max(len(line) for line in lc.format_short_inputs(exp["passkey"]).splitlines()) <= 80
+    # the 27B models of 3.5 and 3.6 need the same memory: the second curve is named, in the legend and the title
+    fig = lc.plot_memory(models=["Qwen3.5-9B", "Qwen3.5-27B", "Qwen3.6-27B"])
+    assert_readable(fig)
+    assert "Qwen3.6-27B (= Qwen3.5-27B)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "Qwen3.6-27B = Qwen3.5-27B" in fig.axes[0].get_title().replace("\n", " ")
+    # a chunked prefill's summaries, the needle shaded
+    tr = tiny.run(PROMPT, capture="layers.*.attn.summary")
+    layer = [i for i, t in enumerate(tiny.layer_types) if t == "full_attention"][0]
+    fig = lc.plot_prefill_summary(tr, layer, needle_span=(3, 6))
+    assert fig.get_size_inches()[0] <= 10
+    assert_readable(fig)
+    assert "shaded: the needle" in fig.get_suptitle().replace("\n", " ")

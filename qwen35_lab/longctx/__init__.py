@@ -26,6 +26,13 @@ from .analysis import (
 from .memory import MemoryPlan, check_fits, format_memory_table, memory_table, plan_memory, plot_memory
 from .attention import chunk_attention, chunked_attention
 from .needles import NeedleHeatmap, needle_heatmap, plot_needle_heatmap
+from .plots import (
+    format_short_inputs,
+    plot_answer_loss,
+    plot_attention_at_question,
+    plot_length_accuracy,
+    plot_prefill_summary,
+)
 from .prefill import LongDocument, PrefillResult, chunked_prefill, long_document
 from .rope import (
     ROPE_TYPES,
@@ -46,4 +53,6 @@ __all__ = [
     "MemoryPlan", "check_fits", "format_memory_table", "memory_table", "plan_memory", "plot_memory",
     "LongDocument", "PrefillResult", "chunked_prefill", "long_document",
     "chunk_attention", "chunked_attention", "NeedleHeatmap", "needle_heatmap", "plot_needle_heatmap",
+    "plot_prefill_summary", "plot_length_accuracy", "plot_attention_at_question", "plot_answer_loss",
+    "format_short_inputs",
 ]

@@ -226,9 +226,9 @@ def plot_rope_frequencies(obj, rope: dict | None = None, ax=None):
     ax.scatter(idx, table.column("scaled_wavelength"), c=colors, s=16, label=f"{m['rope_type']} ×{m['factor']:g}")
     ax.axhline(m["original_context"], color="grey", ls="--", lw=1)
     ax.axhline(m["original_context"] * m["factor"], color="grey", ls=":", lw=1)
-    ax.text(0, m["original_context"], f" original context {m['original_context']:,}", va="bottom", fontsize=8)
+    ax.text(0, m["original_context"], f" original context {m['original_context']:,}", va="bottom", fontsize=9)
     ax.text(0, m["original_context"] * m["factor"], f" ×{m['factor']:g} = {int(m['original_context'] * m['factor']):,}",
-            va="bottom", fontsize=8)
+            va="bottom", fontsize=9)
     ax.set_yscale("log")
     ax.set_xlabel("rotary frequency i (dims i and i + d/2)")
     ax.set_ylabel("wavelength (tokens)")

@@ -354,28 +354,36 @@ def format_memory_table(rows: list[dict]) -> str:
 
 def plot_memory(models=None, max_context: int = 1_010_000, dtype="bfloat16", text_only: bool = True, ax=None):
     """Memory (weights + cache + state) against context up to ``max_context`` for each model, solid,
-    beside a same-size all-attention transformer, dashed. Returns the Figure."""
-    import matplotlib.pyplot as plt
+    beside a same-size all-attention transformer, dashed, on a log GB axis. A model whose curve equals an
+    earlier model's is drawn with crosses and named in the legend and the title. Returns the Figure."""
+    import matplotlib.ticker
+
+    from .. import viz
 
     models = list(models or configs.KNOWN_MODELS)
-    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 5))
+    if ax is None:
+        fig = viz._new_figure((10.0, 5.0))
+        ax = fig.add_subplot()
+    fig = ax.figure
     xs = [int(x) for x in torch.linspace(1, max_context, 40).tolist()]
-    from ..viz import _same_as
 
     tables = [memory_table([m], xs, dtype=dtype, text_only=text_only) for m in models]
-    same = _same_as([[r["total"] for r in rows] for rows in tables])  # equal curves would hide: name them
+    same = viz._same_as([[r["total"] for r in rows] for rows in tables])  # equal curves would hide: name them
+    colors = viz._head_colors(len(models))
     for i, (m, rows) in enumerate(zip(models, tables)):
-        color = f"C{i}"
-        label = f"{m} (same curve as {models[same[i]]})" if i in same else m
-        ax.plot(xs, [r["total"] / 1e9 for r in rows], color=color, label=label,
-                **({"marker": "x", "markevery": 4, "lw": 0.8} if i in same else {}))
-        ax.plot(xs, [r["all_attention_total"] / 1e9 for r in rows], color=color, ls="--", lw=1)
-    ax.axvline(262_144, color="grey", ls=":", lw=1)
-    ax.text(262_144, ax.get_ylim()[1] * 0.95, " 262,144 native", fontsize=8, va="top")
-    ax.set_xlabel("context (tokens)")
-    ax.set_ylabel(f"GB ({dtype}: weights + KV cache + state)")
-    ax.set_title("Qwen3.5 (solid) against an all-attention transformer of the same size (dashed)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+        label = f"{m} (= {models[same[i]]})" if i in same else m
+        ax.plot(xs, [r["total"] / 1e9 for r in rows], color=colors[i], label=label,
+                **({"marker": "x", "markevery": 4, "ls": (0, (4, 3)), "lw": 1.8} if i in same else {"lw": 1.4}))
+        ax.plot(xs, [r["all_attention_total"] / 1e9 for r in rows], color=colors[i], ls=":", lw=1)
+    ax.axvline(262_144, color="grey", ls="-.", lw=1)
+    viz._log_scale(ax, "y")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1e3:,.0f}K" if v else "0"))
+    ax.tick_params(axis="x", labelsize=viz.TEXT_PT["tick"])
+    ax.set_xlabel("context (tokens; dash-dot: 262,144 native)", fontsize=viz.TEXT_PT["label"])
+    ax.set_ylabel(f"GB, {dtype}: weights + KV cache + state", fontsize=viz.TEXT_PT["label"])
+    ax.legend(fontsize=viz.TEXT_PT["tick"], loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    twins = "; ".join(f"{models[i]} = {models[j]}" for i, j in same.items())
+    viz._title(ax, "Qwen3.5 (solid) against an all-attention transformer of the same size (dotted)"
+                   + (f"; equal curves (dashed, crosses): {twins}" if twins else ""))
     return fig
-
