@@ -90,7 +90,9 @@ class SamplingPanel:
         self.message_box = W.HTML()
         self.summary = W.HTML()
         self.summary.add_class("qwen35-sampling-summary")
-        self.chart = W.Output()
+        # the chart is a PNG in an Image widget, never an Output widget (whose display messages stalled
+        # nbconvert runs): each redraw is one plain state update (see viz._png)
+        self.chart = W.Image(format="png", layout=W.Layout(max_width="100%", height="auto", display="none"))
         self.reply = W.HTML()
         self.reply.add_class("qwen35-sampling-output")
         controls = W.VBox([self.preset, *self.sliders.values(), W.HBox([self.thinking, self.max_new_tokens]),
@@ -205,12 +207,16 @@ class SamplingPanel:
         return None if stages is None else _figure(stages)
 
     def _draw(self, stages) -> None:
-        if get_ipython() is None:  # plain Python (scripts, tests): nothing to draw into
+        if get_ipython() is None:  # plain Python (scripts, tests): no PNG to draw
             return
-        with self.chart:
-            self.chart.clear_output(wait=True)
-            if stages is not None:
-                display(_figure(stages))
+        if stages is None:
+            self.chart.value = b""
+            self.chart.layout.display = "none"
+        else:
+            from .viz import _png
+
+            self.chart.value = _png(_figure(stages))
+            self.chart.layout.display = None
 
     # ------------------------------------------------------------------ generation
     def _on_generate(self, _button=None) -> None:

@@ -87,6 +87,17 @@ def _new_figure(figsize: tuple[float, float]) -> Figure:
     return fig
 
 
+def _png(fig: Figure, dpi: int = 100) -> bytes:
+    """``fig`` as PNG bytes, for an ``ipywidgets.Image``: a widget redraw is then one plain state update.
+    (An Output widget captures display messages, which non-interactive runners such as nbclient /
+    nbconvert / papermill must route through comm messages; runs stalled there.)"""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return buf.getvalue()
+
+
 def _figsize_for_tokens(n_tokens: int, height: float) -> tuple[float, float]:
     return (min(DISPLAY_WIDTH, max(6.0, 2.5 + 0.16 * n_tokens)), height)
 

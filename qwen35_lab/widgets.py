@@ -19,7 +19,6 @@ a selection the trace cannot serve shows a message in the panel instead of a tra
 
 from __future__ import annotations
 
-import io
 import math
 
 import ipywidgets as W
@@ -203,9 +202,7 @@ class TraceExplorer:
             self.image.value = b""
             self.image.layout.display = "none"
         else:
-            buf = io.BytesIO()
-            self.current_figure.savefig(buf, format="png", dpi=100)
-            self.image.value = buf.getvalue()
+            self.image.value = viz._png(self.current_figure)
             self.image.layout.display = None
 
     def summary_text(self) -> str:

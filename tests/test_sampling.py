@@ -417,6 +417,36 @@ def test_panel_distribution_follows_the_sliders(panel, tiny):
     assert "7 tokens kept" in panel.summary.value
 
 
+def test_panel_chart_is_a_png_in_an_image_widget(tiny, monkeypatch):
+    """In a notebook the chart is PNG bytes in an ``ipywidgets.Image`` (no Output widget, whose display
+    messages stalled nbconvert runs); hidden while the settings are invalid, shown again when fixed."""
+    import io
+
+    import ipywidgets as W
+    from PIL import Image
+
+    from qwen35_lab import sampling_panel
+
+    monkeypatch.setattr(sampling_panel, "get_ipython", lambda: object())  # as inside a kernel
+    p = SamplingPanel(tiny, prompt=PROMPT, max_new_tokens=2, seed=3)
+    assert isinstance(p.chart, W.Image) and not any(isinstance(w, W.Output) for w in _descendants(p.widget))
+    png = p.chart.value
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and p.chart.layout.display is None
+    width, height = Image.open(io.BytesIO(png)).size
+    fig_w, fig_h = p.figure().get_size_inches()
+    assert (width, height) == (round(fig_w * 100), round(fig_h * 100))  # the panel's figure, at 100 dpi
+    p.sliders["top_p"].value = 0.0
+    assert p.chart.value == b"" and p.chart.layout.display == "none"
+    p.sliders["top_p"].value = 0.8
+    assert p.chart.value[:4] == b"\x89PNG" and p.chart.layout.display is None
+
+
+def _descendants(widget):
+    yield widget
+    for child in getattr(widget, "children", ()):
+        yield from _descendants(child)
+
+
 def test_panel_shows_invalid_settings_instead_of_raising(panel):
     panel.preset.value = "qwen3.5-instruct-general"
     panel.sliders["top_p"].value = 0.0
