@@ -209,11 +209,15 @@ def mutual_information(experts: torch.Tensor, labels: torch.Tensor) -> float:
 
 # ------------------------------------------------------------------------------------------ plots
 def _ax(ax, figsize):
-    """``ax``, or the axes of a new figure no wider than the notebook shows unshrunk (``viz.DISPLAY_WIDTH``)."""
+    """``ax``, or the axes of a new pyplot figure (shown by ``plt.show()``, as the plots return axes) no
+    wider than the notebook shows unshrunk (``viz.DISPLAY_WIDTH``)."""
+    import matplotlib.pyplot as plt
+
     from . import viz
 
     if ax is None:
-        ax = viz._new_figure(figsize).add_subplot()
+        width, height = figsize
+        ax = plt.figure(figsize=(min(float(width), viz.DISPLAY_WIDTH), float(height)), layout="constrained").add_subplot()
     return ax
 
 

@@ -277,6 +277,8 @@ def moe_trace():
 
 
 def test_moe_plots(moe_trace):
+    import matplotlib.pyplot as plt
+
     from qwen35_lab import moe
 
     tr = moe_trace
@@ -287,7 +289,9 @@ def test_moe_plots(moe_trace):
                moe.plot_router_entropy(tr), moe.plot_coactivation(tr, layer),
                moe.plot_routing_by_segment(tr, layer, segments), moe.plot_routing_similarity(tr, tr)):
         assert ax.figure.get_size_inches()[0] <= viz.DISPLAY_WIDTH
+        assert plt.fignum_exists(ax.figure.number)  # open in pyplot: the notebooks show it with plt.show()
         assert_readable(ax.figure)
+        plt.close(ax.figure)
 
 
 def test_long_context_notebook_plots(tiny):
