@@ -209,14 +209,9 @@ class SamplingPanel:
     def _draw(self, stages) -> None:
         if get_ipython() is None:  # plain Python (scripts, tests): no PNG to draw
             return
-        if stages is None:
-            self.chart.value = b""
-            self.chart.layout.display = "none"
-        else:
-            from .viz import _png
+        from .viz import _show_png
 
-            self.chart.value = _png(_figure(stages))
-            self.chart.layout.display = None
+        _show_png(self.chart, None if stages is None else _figure(stages))
 
     # ------------------------------------------------------------------ generation
     def _on_generate(self, _button=None) -> None:

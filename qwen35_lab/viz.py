@@ -98,6 +98,12 @@ def _png(fig: Figure, dpi: int = 100) -> bytes:
     return buf.getvalue()
 
 
+def _show_png(image, fig: Figure | None) -> None:
+    """Show ``fig`` in the ``ipywidgets.Image`` ``image`` as PNG bytes, or hide the image when ``fig`` is None."""
+    image.value = b"" if fig is None else _png(fig)
+    image.layout.display = "none" if fig is None else None
+
+
 def _figsize_for_tokens(n_tokens: int, height: float) -> tuple[float, float]:
     return (min(DISPLAY_WIDTH, max(6.0, 2.5 + 0.16 * n_tokens)), height)
 
@@ -192,10 +198,10 @@ def _log_scale(ax, axis: str = "y") -> None:
 
 
 def _plain_numbers(ax, axis: str = "y") -> None:
-    """Tick labels as plain numbers (``2e-06``), never a separate offset text (``1e−6``) that can
-    collide with a title."""
+    """Tick labels as plain numbers (``2e-06``, ``0.35``, ``30,000``), never a separate offset text
+    (``1e−6``) that can collide with a title, nor ``3e+04`` for a count of tokens."""
     (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(
-        matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+        matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"))
     ax.tick_params(axis=axis, labelsize=TEXT_PT["tick"])
 
 

@@ -198,12 +198,7 @@ class TraceExplorer:
         self.message.value = "" if message is None else f"<pre style='color:#a00'>{_html(message)}</pre>"
         if get_ipython() is None:  # plain Python (scripts, tests): no PNG to draw
             return
-        if self.current_figure is None:
-            self.image.value = b""
-            self.image.layout.display = "none"
-        else:
-            self.image.value = viz._png(self.current_figure)
-            self.image.layout.display = None
+        viz._show_png(self.image, self.current_figure)
 
     def summary_text(self) -> str:
         """What the panel shows, in words."""

@@ -299,9 +299,8 @@ def test_whole_word_entries_need_ignore_merges(tok, ref):
 
     Found with tiktoken's own byte-pair merge: ``token + b"\\xff"`` is not in the vocabulary, so
     tiktoken merges it pair by pair, and 0xFF sits in no multi-byte token, so the merges inside
-    ``token`` are exactly those ``token`` alone would get. The reference notes
-    (``../shared/reference/README.md``) saw 83 such entries in their corpus; the vocabulary
-    holds more. With ``ignore_merges`` off every one encodes to two or more ids.
+    ``token`` are exactly those ``token`` alone would get. The tokenizer reference notes that came
+    with the vocabulary saw 83 such entries in their corpus; the vocabulary holds more. With ``ignore_merges`` off every one encodes to two or more ids.
     """
     ranks = {token: rank for rank, token in ref.decoder.items() if isinstance(token, bytes)}
     assert len(ranks) == 248044

@@ -12,7 +12,7 @@ import numpy as np
 
 from ..checks import BadType, BadValue, check_float, check_int
 
-__all__ = ["plot_prefill_summary", "plot_length_accuracy", "plot_attention_at_question", "plot_answer_loss", "format_short_inputs"]
+__all__ = ["format_short_inputs", "plot_answer_loss", "plot_attention_at_question", "plot_length_accuracy", "plot_prefill_summary"]
 
 _ACCURACY_PANELS = (("passkey", "accuracy", "passkey: accuracy"),
                     ("passkey", "attention_only_accuracy", "passkey, attention alone (β = 0)"),
@@ -54,23 +54,12 @@ def _curves(ax, curves: list[tuple[list, list]], names: list[str]) -> None:
                 label=f"{name} (on {names[on[i]]})" if dup else name)
 
 
-def _plain(ax, axis: str) -> None:
-    """Tick labels as plain numbers: 1,000 and 2,000 (never ``1e+03`` or an offset text), 0.0035 below 100."""
-    import matplotlib.ticker
-
-    from .. import viz
-
-    (ax.xaxis if axis == "x" else ax.yaxis).set_major_formatter(matplotlib.ticker.FuncFormatter(
-        lambda v, _: f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3g}"))
-    ax.tick_params(axis=axis, labelsize=viz.TEXT_PT["tick"])
-
-
 def _log_tokens(ax, label: str) -> None:
     """A log token axis labelled 100, 200, 500, 1,000 … (plain numbers)."""
     from .. import viz
 
     viz._log_scale(ax, "x")
-    _plain(ax, "x")
+    viz._plain_numbers(ax, "x")
     ax.set_xlabel(label, fontsize=viz.TEXT_PT["label"])
     ax.tick_params(axis="both", labelsize=viz.TEXT_PT["tick"])
 
@@ -142,7 +131,7 @@ def plot_attention_at_question(e: dict):
                      for n in names], names)
         ax.axvline(e["train_length"] + 10, color="grey", ls=":", lw=1)
         _log_tokens(ax, "prompt tokens")
-        _plain(ax, "y")
+        viz._plain_numbers(ax, "y")
         viz._title(ax, title)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", fontsize=viz.TEXT_PT["tick"], ncols=min(len(labels), 4))
@@ -170,7 +159,7 @@ def plot_answer_loss(e: dict):
         if key == "loss":
             viz._log_scale(ax, "y")
         else:
-            _plain(ax, "y")
+            viz._plain_numbers(ax, "y")
         ax.tick_params(axis="x", labelsize=viz.TEXT_PT["tick"])
         viz._title(ax, f"{title}, {tokens:,}-token prompts")
         ax.legend(fontsize=viz.TEXT_PT["tick"], loc="best")
