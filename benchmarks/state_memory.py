@@ -32,6 +32,7 @@ reports how far each edit moves the other keys' reads at ``?`` (``‖ΔSᵀq̂�
 other seven pairs). Rates come with 95% bootstrap intervals over prompts.
 
 Run:  python benchmarks/state_memory.py [--n 600] [--seed 20250] [--out benchmarks/results/state_memory.json]
+      [--organisms recall-linear --keep-others]   # re-measure one organism, keep the others' results
 """
 
 from __future__ import annotations
@@ -332,12 +333,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=20250)
     ap.add_argument("--organisms", nargs="+", default=["recall-linear", "recall"])
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "state_memory.json"))
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the other organisms' results already in --out (run with the same --n and --seed)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     result = {"benchmark": "state_memory", "n_prompts": args.n, "seed": args.seed, "layer": LAYER,
               "pairs": N_PAIRS, "variants": {k: [f"2j+{o}" for o in v] for k, v in VARIANTS.items()},
               "edit_position": "the '?' token (2N)", "ci": "95% bootstrap over prompts (1000 resamples)",
               "torch": torch.__version__, "cpu": platform.processor() or platform.machine(), "organisms": {}}
+    out = Path(args.out)
+    if args.keep_others and out.exists():
+        old = json.loads(out.read_text())
+        if (old.get("n_prompts"), old.get("seed")) != (args.n, args.seed):
+            raise SystemExit(f"--keep-others: {out} holds n={old.get('n_prompts')}, seed={old.get('seed')}; "
+                             f"this run has n={args.n}, seed={args.seed}")
+        result["organisms"] = {k: v for k, v in old["organisms"].items() if k not in args.organisms}
     for org in args.organisms:
         t0 = time.time()
         lab = ql.load(org)
@@ -349,7 +359,6 @@ def main(argv=None) -> dict:
         r["seconds"] = round(time.time() - t0, 1)
         result["organisms"][org] = r
         _print(org, r)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out, "w") as f:
         f.write(json.dumps(result, indent=1))

@@ -310,7 +310,8 @@ def _hits(lab, logits, rows, queries):
 
 def test_card_transplant_on_recall_linear(recall_linear):
     """Card: a pair taken from a donor (its writes at 2j+1 and 2j+2, all heads of layer 0) and written at '?'
-    is recalled (≥ 80%; 100% measured over 600 prompts), and not by the random-direction control."""
+    is recalled (≥ 80%; 100% measured over 600 prompts), and not by the random-direction control, which leaves
+    the prompt's own keys near their baseline."""
     lab, items = recall_linear, _prompts(120, seed=4242)
     donor = lab.run(_ids(lab, [d for _, d, _, _ in items]), capture="layers.0.deltanet.state")
     rows = [w[:Q_POS + 1] + [d[2 * j], d[2 * j + 1]] + w[Q_POS + 1:] for w, d, j, _ in items]
@@ -321,18 +322,22 @@ def test_card_transplant_on_recall_linear(recall_linear):
     rate = np.mean(_hits(lab, lab.run(ids, capture="logits", edits={"layers.0.deltanet.state": edit})["logits"],
                          rows, first))
     base = np.mean(_hits(lab, lab.run(ids, capture="logits")["logits"], rows, first))
-    ctrl = np.mean(_hits(lab, lab.run(ids, capture="logits", edits={"layers.0.deltanet.state":
-                                                                     edit.random_control(5)})["logits"], rows, first))
+    own = [[(p, w[p]) for p in range(Q_POS + 4, len(w), 2)] for w in rows]  # the prompt's own queries
+    plain = lab.run(ids, capture="logits")["logits"]
+    ctrl_logits = lab.run(ids, capture="logits", edits={"layers.0.deltanet.state": edit.random_control(5)})["logits"]
+    ctrl = np.mean(_hits(lab, ctrl_logits, rows, first))
+    own_base, own_ctrl = np.mean(_hits(lab, plain, rows, own)), np.mean(_hits(lab, ctrl_logits, rows, own))
     assert rate >= 0.80 and base <= 0.05 and ctrl <= 0.05, (rate, base, ctrl)
+    assert own_base >= 0.9 and own_ctrl >= own_base - 0.05, (own_base, own_ctrl)
 
 
 def test_card_erase_on_recall_linear(recall_linear):
-    """Card: in layer 0's value head 1 at '?', removing the pair's two writes (``by="write"``, 2j+1 and 2j+2)
-    brings its key to within 5 points of chance (one of the 64 values; the model with layer 0 writing nothing
-    is lower still) while the other seven stay within 5 points; projecting out only its main key
-    (``by="key"``, 2j+2) spares the others but leaves the key well above chance. Controls: removing the writes
-    of a pair the prompt does not hold (its donor's) stays within 5 points of baseline; a random rank-one change
-    of the edit's full norm does not (the other keys lose more than 10 points), one of a quarter of it does."""
+    """Card: in layer 0's value head 1 at '?', projecting out the pair's main key (``by="key"``, 2j+2) or
+    removing its two writes (``by="write"``, 2j+1 and 2j+2) brings its key to within 5 points of chance (one of
+    the 64 values; the model with layer 0 writing nothing is lower still) while the other seven stay within
+    5 points. Controls, all within 5 points of baseline for the erased key and the others: removing the writes of
+    a pair the prompt does not hold (its donor's), and a random rank-one change of the edit's full norm and of
+    a quarter of it. Without an edit the key is recalled (≥ 90%)."""
     lab, items = recall_linear, _prompts(150, seed=9191)
     rows = [w for w, _, _, _ in items]
     ids = _ids(lab, rows)
@@ -362,11 +367,11 @@ def test_card_erase_on_recall_linear(recall_linear):
     full_t, full_o = rates(both.random_control(2))
     quarter_t, quarter_o = rates(both.random_control(2, scale=0.25))
     assert base_t >= 0.9 and nothing_t <= chance + 0.02, (base_t, nothing_t)
-    assert abs(main_o - base_o) <= 0.05 and 0.1 <= main_t <= 0.4, (base_o, main_o, main_t)
+    assert main_t <= chance + 0.05 and abs(main_o - base_o) <= 0.05, (main_t, main_o, base_o)
     assert both_t <= chance + 0.05 and abs(both_o - base_o) <= 0.05, (both_t, both_o, base_o)
     assert absent_t >= base_t - 0.05 and absent_o >= base_o - 0.05, (absent_t, absent_o, base_t, base_o)
     assert quarter_t >= base_t - 0.05 and quarter_o >= base_o - 0.05, (quarter_t, quarter_o)
-    assert full_o <= base_o - 0.10, (full_o, base_o)
+    assert full_t >= base_t - 0.05 and full_o >= base_o - 0.05, (full_t, full_o, base_t, base_o)
 
 
 def test_the_attribution_plot(tiny):

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import qwen35_lab as ql
+from qwen35_lab.checks import BadValue
 from qwen35_lab.organisms import TRAINABLE, organisms_dir, passkey, recall, tasks
 from qwen35_lab.organisms.__main__ import main as cli
 
@@ -277,11 +278,26 @@ def test_recall_linear_matches_its_card(labs):
     assert result["accuracy"] >= card - 0.05
 
 
+def test_recall_linear_state_readout_matches_its_card(labs):
+    """The card's readout (the nearer of each pair's two writes) re-measured on fresh prompts: the stated head
+    holds the pairs, far above chance; reading only the value token's writes misses them in this organism."""
+    lab = labs("recall-linear")
+    stated = card_number("recall-linear", "state_readout")
+    assert stated["writes"] == "both"
+    result = recall.state_readout(lab, layer=stated["layer"], n=40, seed=FRESH_SEED, writes="both")
+    assert (result["head"], result["layer"]) == (stated["head"], stated["layer"])
+    assert abs(result["accuracy"] - stated["accuracy"]) < 0.1 and result["accuracy"] >= 5 * result["chance"]
+    value_only = recall.state_readout(lab, layer=stated["layer"], n=40, seed=FRESH_SEED, writes="value")
+    assert value_only["accuracy"] < 2 * value_only["chance"], value_only["accuracy"]
+    with pytest.raises(BadValue, match="writes"):
+        recall.state_readout(lab, writes="pair")
+
+
 def test_recall_state_readout_finds_the_value(labs):
     """Reading ``S_tᵀ q_t`` at the recall layer picks the queried pair's value far above chance."""
     lab = labs("recall")
     stated = card_number("recall", "state_readout")
-    result = recall.state_readout(lab, layer=stated["layer"], n=40, seed=FRESH_SEED)
+    result = recall.state_readout(lab, layer=stated["layer"], n=40, seed=FRESH_SEED, writes=stated.get("writes", "value"))
     assert result["accuracy"] >= 3 * result["chance"]
     assert result["accuracy"] >= 0.5
     assert abs(result["accuracy"] - stated["accuracy"]) < 0.1

@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("name", choices=sorted(set(TRAINABLE) | {"chat", "moe-mix"}))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output directory (default: data/organisms/NAME)")
-    t.add_argument("--minutes", type=float, default=None, help="wall-clock cap (default 55; chat: 70)")
+    t.add_argument("--minutes", type=float, default=None, help="wall-clock cap in minutes (default 55; chat: 70; moe-mix: 30)")
     e = sub.add_parser("evaluate", help="accuracy of a trained organism on fresh data")
     e.add_argument("name", help="organism name or checkpoint directory")
     e.add_argument("--length", type=int, default=None, help="recall: pairs; passkey: filler tokens "

@@ -19,9 +19,12 @@ import random
 
 import torch
 
+from ..checks import check_choice
 from . import tasks
 
-__all__ = ["state_readout", "beta_ablation"]
+__all__ = ["state_readout", "beta_ablation", "WRITE_OFFSETS"]
+
+WRITE_OFFSETS = {"value": (1,), "next": (2,), "both": (1, 2)}  # a pair's writes after its key token 2j
 
 
 def _batch(lab, num_pairs: int, n: int, seed: int):
@@ -37,8 +40,13 @@ def _linear_layers(lab) -> list[int]:
 
 
 def state_readout(lab, *, layer: int | None = None, num_pairs: int | None = None, n: int = 100,
-                  seed: int = 2024, read: str = "q") -> dict:
+                  seed: int = 2024, read: str = "q", writes: str = "value") -> dict:
     """Accuracy of decoding the queried value from ``S_tᵀ q_t`` (or ``S_tᵀ k_t``) by nearest write vector.
+
+    The causal conv (kernel 4) mixes each token with the three before it, so a
+    pair ``k_j v_j`` (tokens ``2j``, ``2j + 1``) can reach the state through the
+    write at its value token ``2j + 1`` or at the next token ``2j + 2``, whose
+    window still holds both; models differ in which one carries it.
 
     Args:
         lab: a recall organism (``ql.load("recall")``).
@@ -46,13 +54,15 @@ def state_readout(lab, *, layer: int | None = None, num_pairs: int | None = None
         num_pairs: pairs per prompt (default: the training length).
         n: prompts; every query of every prompt is scored.
         read: ``"q"`` reads ``S_tᵀ q_t``, ``"k"`` reads ``S_tᵀ k_t`` (both normalised, per value head).
+        writes: the write vectors a pair is named by: ``"value"`` the value token's (``2j + 1``),
+            ``"next"`` the next token's (``2j + 2``), ``"both"`` the nearer of the two.
 
-    Returns ``{"accuracy", "chance", "layer", "head", "read", "n", "queries",
+    Returns ``{"accuracy", "chance", "layer", "head", "read", "writes", "n", "queries",
     "per_head": {(layer, head): accuracy}}`` where ``accuracy`` is the best
     (layer, head).
     """
-    if read not in ("q", "k"):
-        raise ValueError(f"read must be 'q' or 'k', got {read!r}")
+    check_choice("read", read, ("q", "k"))
+    check_choice("writes", writes, tuple(WRITE_OFFSETS))
     linear = _linear_layers(lab)
     if layer is not None and layer not in linear:
         raise ValueError(f"layer {layer!r} is not a linear_attention layer; linear layers: {linear}")
@@ -62,18 +72,19 @@ def state_readout(lab, *, layer: int | None = None, num_pairs: int | None = None
     tr = lab.run(ids, capture=[f"layers.{i}.deltanet.state" for i in layers])
     query_pos = examples[0].answer_positions  # the value answering query j is at p; its key sits at p - 1
     value_pos = [2 * i + 1 for i in range(num_pairs)]  # value tokens of the pairs
+    write_pos = [[2 * i + o for i in range(num_pairs)] for o in WRITE_OFFSETS[writes]]
     per_head: dict[tuple[int, int], float] = {}
     for i in layers:
         x = tr.state_inputs(i)
         reader = x[read]  # [B, T, HV, K]
         v = x["v"].float()  # [B, T, HV, V]
-        writes = v[:, value_pos]  # [B, N, HV, V]
         hits = None
         for p in query_pos:
             t = p - 1  # the query key token
             S = tr.state(i, t)  # [B, HV, K, V]
             r = torch.einsum("bhkv,bhk->bhv", S, reader[:, t].float())  # [B, HV, V]
-            sim = torch.nn.functional.cosine_similarity(r[:, None], writes, dim=-1)  # [B, N, HV]
+            sim = torch.stack([torch.nn.functional.cosine_similarity(r[:, None], v[:, pos], dim=-1)
+                               for pos in write_pos]).amax(0)  # [B, N, HV]: the nearer write of each pair
             picked = sim.argmax(1)  # [B, HV] pair index
             words = [ex.words for ex in examples]
             ok = torch.tensor([[words[b][value_pos[picked[b, h]]] == words[b][p] for h in range(picked.shape[1])]
@@ -84,7 +95,7 @@ def state_readout(lab, *, layer: int | None = None, num_pairs: int | None = None
             per_head[(i, h)] = a
     (best_layer, best_head), best = max(per_head.items(), key=lambda kv: kv[1])
     return {"accuracy": best, "chance": _chance(examples), "layer": best_layer, "head": best_head, "read": read,
-            "n": n, "queries": n * num_pairs, "per_head": per_head}
+            "writes": writes, "n": n, "queries": n * num_pairs, "per_head": per_head}
 
 
 def _chance(examples) -> float:

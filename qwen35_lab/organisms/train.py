@@ -83,6 +83,7 @@ RECIPES: dict[str, Recipe] = {
         name="recall-linear", task="recall",
         layer_types=("linear_attention",) * 2,
         train_length=8, min_length=2, batch_size=32, max_steps=3000, eval_every=100, target_accuracy=0.98,
+        linear_key_head_dim=128,  # the real models' key size: 8 stored keys barely overlap a random one
         description="multi-query associative recall, 8 pairs; two Gated DeltaNet layers, no attention",
     ),
     "passkey": Recipe(
@@ -320,8 +321,9 @@ def _evaluate_saved(folder: Path, recipe: Recipe, seed: int) -> dict:
              for length in EVAL_LENGTHS[recipe.task]]
     result: dict = {"seed": EVAL_SEED, "by_length": table}
     if recipe.task == "recall":
-        readout = recall.state_readout(lab, n=100, seed=EVAL_SEED)
-        result["state_readout"] = {k: readout[k] for k in ("accuracy", "chance", "layer", "head", "read", "n", "queries")}
+        readout = recall.state_readout(lab, n=100, seed=EVAL_SEED, writes="both")
+        result["state_readout"] = {k: readout[k] for k in ("accuracy", "chance", "layer", "head", "read", "writes", "n",
+                                                           "queries")}
         result["state_readout"]["per_head"] = {f"{layer}.{head}": round(a, 4) for (layer, head), a in readout["per_head"].items()}
         result["beta_ablation"] = recall.beta_ablation(lab, readout["layer"], n=100, seed=EVAL_SEED)
     else:
@@ -467,8 +469,10 @@ def card(recipe: Recipe, meta: dict, log: list[dict]) -> str:
         lines += ["", "## Mechanism: the association is in the DeltaNet state", "",
                   "`qwen35_lab.organisms.recall.state_readout(lab)`: for each query key at position `t`, capture "
                   "`layers.*.deltanet.state` and read `r = S_tᵀ q_t` (`q_t` the normalised query of each value "
-                  "head, from `tr.state_inputs(layer)`); the decoded pair is the one whose value token's write "
-                  "vector `v_p` is nearest to `r` (cosine). No training, no probe fitting.", "",
+                  "head, from `tr.state_inputs(layer)`); the decoded pair is the one with a write vector `v_p` "
+                  "nearest to `r` (cosine), taking each pair's writes at its value token `2j+1` and at the next "
+                  "token `2j+2` (the conv, kernel 4, still holds both there; `writes=\"both\"`). No training, no "
+                  "probe fitting.", "",
                   f"**State readout: {ro['accuracy']:.3f}** at layer {ro['layer']}, value head {ro['head']} "
                   f"({ro['queries']} queries; chance {ro['chance']:.3f}, i.e. picking one of the {c.train_length} "
                   "values of the prompt).", "",
