@@ -178,6 +178,34 @@ def test_fused_attention_and_summaries_match_a_float64_softmax():
     assert attn_ops.causal_attention_with_summaries(q[:, :, :10], k, v) is None  # T != Tk: not fused
 
 
+
+@pytest.mark.parametrize("block_size, key_block_size", [(16, 40), (32, 8), (512, 1024)])
+def test_fused_summaries_match_a_naive_softmax_for_any_tiling(block_size, key_block_size):
+    # GQA with three query heads per key head, T a multiple of neither block size; a naive float64 softmax
+    gen = torch.Generator().manual_seed(5)
+    B, Hq, Hkv, T, D = 2, 6, 2, 203, 8
+    q, k = 3 * torch.randn(B, Hq, T, D, generator=gen), 3 * torch.randn(B, Hkv, T, D, generator=gen)
+    v = torch.randn(B, Hkv, T, D, generator=gen)
+    out, s = attn_ops.causal_attention_with_summaries(q, k, v, scaling=0.4, block_size=block_size,
+                                                      key_block_size=key_block_size)
+    expected_out = torch.zeros(B, Hq, T, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(Hq):
+            for t in range(T):
+                x = (0.4 * (k[b, h // 3, :t + 1].double() @ q[b, h, t].double())).tolist()  # keys 0..t
+                z = sum(math.exp(xj - max(x)) for xj in x)
+                p = [math.exp(xj - max(x)) / z for xj in x]
+                expected = {"entropy": -sum(pj * math.log(pj) for pj in p if pj > 0), "max_prob": max(p),
+                            "sink_mass": p[0], "mean_distance": sum(pj * (t - j) for j, pj in enumerate(p))}
+                for name, value in expected.items():
+                    assert s[name][b, h, t].item() == pytest.approx(value, rel=1e-4, abs=2e-5), (name, b, h, t)
+                expected_out[b, h, t] = torch.tensor(p, dtype=torch.float64) @ v[b, h // 3, :t + 1].double()
+    torch.testing.assert_close(out.double(), expected_out, rtol=0, atol=1e-5)
+    with pytest.raises(checks.BadValue, match="key_block_size"):
+        attn_ops.causal_attention_with_summaries(q, k, v, key_block_size=0)
+    assert attn_ops.causal_attention_with_summaries(q, k, v[..., :4]) is None  # v's head size not D: not fused
+
+
 def test_captured_summaries_leave_the_logits_and_match_the_blockwise_op(passkey_lab):
     ids = torch.randint(3, 60, (1, 300), generator=torch.Generator().manual_seed(2))
     plain = passkey_lab.run(ids)

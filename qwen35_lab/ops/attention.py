@@ -13,10 +13,12 @@ A query row that can see no key at all (only padding) has no distribution: its o
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+from ..checks import BadType, BadValue, check_int
 from .gated_delta import _check_index_list, _check_tensor
-from ..checks import BadType, BadValue
 
 __all__ = ["attention_probs_rows", "attention_summaries", "causal_attention_with_summaries"]
 
@@ -170,68 +172,90 @@ def _flash_cpu(q: torch.Tensor):
 
 
 def causal_attention_with_summaries(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float | None = None, block_size: int = 512,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float | None = None, block_size: int = 128,
+    key_block_size: int = 1024,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
-    """Causal attention output and :func:`attention_summaries` from one fused pass (CPU; ``T = Tk``, no padding).
+    """Causal attention output and :func:`attention_summaries`: the flash kernel plus one exact pass (CPU; ``T = Tk``).
 
-    PyTorch's flash kernel runs once with the values extended to ``[v | k | s]``
-    (and ``q``, ``k`` padded with zeros to that width, which leaves ``q·k``
-    unchanged; the kernel wants one head size): besides the output ``Σ p v``
-    it returns ``Σ p k``, ``Σ p s`` and the log-sum-exp ``lse`` of every row,
-    which give ``entropy = lse - scaling · q·Σ p k``, ``mean_distance = t - Σ p s``
-    and ``sink_mass = exp(x₀ - lse)``. Only ``max_prob = exp(max_s x_s - lse)``
-    needs the row maxima: one blockwise ``q·k`` pass with a max, no ``exp``.
-    Compared with the plain forward this costs about one extra ``q·k`` pass.
-    The output equals the sdpa output up to fp32 rounding (the kernel sums in
-    another order), not bit for bit.
+    PyTorch's flash kernel runs once on ``q``, ``k``, ``v`` as the plain forward
+    does, and returns with the output the log-sum-exp ``lse`` of every row.
+    Knowing ``lse``, one blockwise pass over the causal tiles gets the exact
+    log-probabilities ``y = (x - lse) · log2(e) = log2(e) · [scaling·q | -lse] · [k | 1]``
+    from a single matmul, with no online rescaling. Per tile: a row max
+    (``max_prob = 2^max y``), ``p = 2^y`` (``exp2``, about three times cheaper than
+    ``exp`` on CPU), a row-wise dot ``Σ p y`` (``entropy = -ln 2 · Σ p y``) and
+    ``p @ s`` (``mean_distance = t - Σ p s``); ``sink_mass = exp(x₀ - lse)``.
+    Queries go in blocks of ``block_size`` (the ``Hq / Hkv`` heads of a key head
+    together), keys in chunks of ``key_block_size``; only the square on the
+    diagonal is masked, and the two tile buffers are reused, so extra memory is
+    ``O(Hq · block_size · key_block_size)`` plus the results. The pass costs
+    about as much as the kernel itself. The output equals the sdpa output up to
+    fp32 rounding (the kernel sums in another order), not bit for bit.
 
     Args:
         q: ``[B, Hq, T, D]``; k, v: ``[B, Hkv, T, D]`` (queries and keys at the same positions).
 
-    Returns ``(out [B, Hq, T, Dv] in q's dtype, summaries)`` — or None when the fused kernel
-    does not apply (not CPU, not fp32/bf16, ``T != Tk``); use :func:`attention_summaries` then.
+    Returns ``(out [B, Hq, T, D] in q's dtype, summaries)`` — or None when the fused kernel
+    does not apply (not CPU, not fp32/bf16, ``T != Tk``, v's head size not D); use
+    :func:`attention_summaries` then.
     """
     B, Hq, T, Hkv, Tk, D, scaling = _check_attention_inputs(q, k, None, scaling)
+    block_size, key_block_size = check_int("block_size", block_size, lo=1), check_int("key_block_size", key_block_size, lo=1)
     op = _flash_cpu(q)
-    if op is None or T != Tk or v.shape[:3] != k.shape[:3]:
+    if op is None or T != Tk or v.shape[:3] != k.shape[:3] or v.shape[-1] != D:
         return None
     G, Dv, device = Hq // Hkv, v.shape[-1], q.device
-    pos = torch.arange(T, device=device)
-    # fp32 throughout: Σ p s needs it at long context
-    v_ext = torch.cat([v.float(), k.float(), pos.float()[None, None, :, None].expand(B, Hkv, T, 1)], dim=-1)
-    width = v_ext.shape[-1]  # Dv + D + 1
-    k_pad = torch.nn.functional.pad(k.float(), (0, width - D))
-    qg = q.reshape(B, Hkv, G, T, D)
+    q32, k32, v32 = q.float().reshape(B, Hkv, G, T, D), k.float(), v.float()
     outs, lses = [], []
     for g in range(G):  # query heads sharing a key head: one call each (the kernel wants equal head counts)
-        q_pad = torch.nn.functional.pad(qg[:, :, g].float(), (0, width - D))
-        o, lse = op(q_pad, k_pad, v_ext, 0.0, True, scale=scaling)
+        o, lse = op(q32[:, :, g], k32, v32, 0.0, True, scale=scaling)[:2]
         outs.append(o)
         lses.append(lse.float())
-    del v_ext, k_pad
-    ext = torch.stack(outs, dim=2).float()  # [B, Hkv, G, T, Dv + D + 1]
+    out = torch.stack(outs, dim=2).reshape(B, Hq, T, Dv).to(q.dtype)
+    del outs
     lse = torch.stack(lses, dim=2)  # [B, Hkv, G, T]
-    q32, k32 = qg.float(), k.float()
-    # row maxima of the logits, blockwise (diagonal blocks masked)
-    row_max = torch.full((B, Hkv, G, T), float("-inf"), device=device)
+    # [scaling·q | -lse] · [k | 1] · log2(e) = (x - lse) / ln 2, the log-probabilities in bits, from one
+    # matmul: p = exp2 of it (exp2 is about three times cheaper than exp on CPU)
+    q_ext = torch.cat([q32 * scaling, -lse.unsqueeze(-1)], dim=-1).mul_(math.log2(math.e))  # [B, Hkv, G, T, D + 1]
+    k_ext = torch.cat([k32, torch.ones(B, Hkv, T, 1, device=device)], dim=-1).transpose(-1, -2)  # [B, Hkv, D + 1, T]
+    pos = torch.arange(T, device=device, dtype=torch.float32)
+    row_max = torch.empty(B, Hkv, G, T, device=device)  # max_s log2 p_s
+    plogp = torch.empty(B, Hkv, G, T, device=device)  # Σ p log2 p
+    dist = torch.empty(B, Hkv, G, T, device=device)  # Σ p (t - s)
+    mass = torch.empty(B, Hkv, G, T, device=device)  # Σ p, 1 up to rounding: the summaries are normalised by it
+    lowest = torch.finfo(torch.float32).min  # exp2 gives 0 and 0 · lowest = 0 (-inf would give NaN)
+    above = torch.ones(block_size, block_size, dtype=torch.bool, device=device).triu_(1)  # s > t on the diagonal
+    nk_max = min(max(key_block_size, block_size), T)  # the widest tile: a key chunk or the diagonal square
+    x_buf = torch.empty(B, Hkv, G * block_size * nk_max, device=device)
+    p_buf = torch.empty_like(x_buf)
     for i0 in range(0, T, block_size):
         i1 = min(T, i0 + block_size)
-        qb = (q32[:, :, :, i0:i1] * scaling).reshape(B, Hkv, G * (i1 - i0), D)
-        for j0 in range(0, i1, block_size):
-            j1 = min(i1, j0 + block_size)
-            x = (qb @ k32[:, :, j0:j1].transpose(-1, -2)).view(B, Hkv, G, i1 - i0, j1 - j0)
-            if j1 - 1 > i0:
-                x.masked_fill_(pos[j0:j1][None, :] > pos[i0:i1][:, None], float("-inf"))
-            torch.maximum(row_max[..., i0:i1], x.amax(-1), out=row_max[..., i0:i1])
-    mean_logit = scaling * (q32 * ext[..., Dv:Dv + D]).sum(-1)  # Σ p x
-    logit0 = scaling * (q32 * k32[:, :, None, :1]).sum(-1)
-    summaries = {
-        "entropy": lse - mean_logit,
-        "max_prob": (row_max - lse).exp(),
-        "sink_mass": (logit0 - lse).exp(),
-        "mean_distance": pos.float() - ext[..., Dv + D],
+        nq = i1 - i0
+        qb = q_ext[:, :, :, i0:i1].reshape(B, Hkv, G * nq, D + 1)
+        m_i = torch.full((B, Hkv, G * nq), float("-inf"), device=device)
+        h_i, d_i, z_i = (torch.zeros(B, Hkv, G * nq, device=device) for _ in range(3))
+        # key chunks left of the block (no mask), then the diagonal square [i0, i1)
+        bounds = [(j0, min(i0, j0 + key_block_size)) for j0 in range(0, i0, key_block_size)] + [(i0, i1)]
+        for j0, j1 in bounds:
+            size = G * nq * (j1 - j0)
+            x = torch.matmul(qb, k_ext[..., j0:j1], out=x_buf[..., :size].view(B, Hkv, G * nq, j1 - j0))
+            if j0 == i0:
+                x.view(B, Hkv, G, nq, nq).masked_fill_(above[:nq, :nq], lowest)
+            torch.maximum(m_i, x.amax(-1), out=m_i)
+            p = torch.exp2(x, out=p_buf[..., :size].view_as(x))
+            h_i.add_(torch.linalg.vecdot(p, x))
+            d_i.add_(p @ (i0 - pos[j0:j1]))  # Σ p (i0 - s): distances from the block, no cancellation
+            z_i.add_(p.sum(-1))
+        for acc, acc_i in ((row_max, m_i), (plogp, h_i), (dist, d_i), (mass, z_i)):
+            acc[..., i0:i1] = acc_i.view(B, Hkv, G, nq)
+    dist.add_((pos - (pos // block_size) * block_size) * mass)  # + (t - i0) Σ p
+    logit0 = scaling * (q32 * k32[:, :, None, :1]).sum(-1)  # x₀, [B, Hkv, G, T]
+    summaries = {  # of p / Σ p
+        "entropy": mass.log() - plogp.mul_(math.log(2.0)).div_(mass),
+        "max_prob": row_max.exp2_().div_(mass),
+        "sink_mass": (logit0 - lse).exp().div_(mass),
+        "mean_distance": dist.div_(mass),
     }
-    out = ext[..., :Dv].reshape(B, Hq, T, Dv).to(q.dtype)
     return out, {name: t.reshape(B, Hq, T) for name, t in summaries.items()}
 
 
@@ -254,7 +278,7 @@ def attention_probs_rows(
     Returns:
         probs ``[B, len(heads), len(rows), Tk]`` fp32; each row sums to 1 over the keys it sees.
     """
-    (B, Hq, T, Hkv, Tk, D, scaling), heads, rows = check_rows_inputs(q, k, key_padding_mask, scaling, heads, rows)
+    (_B, Hq, T, Hkv, Tk, _D, scaling), heads, rows = check_rows_inputs(q, k, key_padding_mask, scaling, heads, rows)
     G, device = Hq // Hkv, q.device
     keep = None if key_padding_mask is None else key_padding_mask.to(device=device).bool()
     head_idx = torch.tensor(heads, device=device)
