@@ -188,7 +188,7 @@ def causal_attention_with_summaries(
     Queries go in blocks of ``block_size`` (the ``Hq / Hkv`` heads of a key head
     together), keys in chunks of ``key_block_size``; only the square on the
     diagonal is masked, and the two tile buffers are reused, so extra memory is
-    ``O(Hq · block_size · key_block_size)`` plus the results. The pass costs
+    ``O(Hq · block_size · key_block_size)`` plus the results (no tile-sized temporaries). The pass costs
     about as much as the kernel itself. The output equals the sdpa output up to
     fp32 rounding (the kernel sums in another order), not bit for bit.
 
@@ -243,9 +243,9 @@ def causal_attention_with_summaries(
                 x.view(B, Hkv, G, nq, nq).masked_fill_(above[:nq, :nq], lowest)
             torch.maximum(m_i, x.amax(-1), out=m_i)
             p = torch.exp2(x, out=p_buf[..., :size].view_as(x))
-            h_i.add_(torch.linalg.vecdot(p, x))
             d_i.add_(p @ (i0 - pos[j0:j1]))  # Σ p (i0 - s): distances from the block, no cancellation
             z_i.add_(p.sum(-1))
+            h_i.add_(x.mul_(p).sum(-1))  # in place: no tile-sized temporary
         for acc, acc_i in ((row_max, m_i), (plogp, h_i), (dist, d_i), (mass, z_i)):
             acc[..., i0:i1] = acc_i.view(B, Hkv, G, nq)
     dist.add_((pos - (pos // block_size) * block_size) * mass)  # + (t - i0) Σ p
