@@ -3,13 +3,19 @@
 Every sequence starts with a task token and is one of our synthetic tasks
 (:mod:`qwen35_lab.organisms.tasks`)::
 
-    <recall> k12 v7 k3 v40 ? k3 v40 k12 v7
-    <passkey> the sky is blue . the key is lemon . the sun is warm . what is the key ? lemon
+    <recall> k12 v7 k3 v40 ? k3 v41 k12 v8
+    <passkey> the sky is blue . the key is lemon . the sun is warm . what is the key ? cloud
+
+Each answer is not the stored word itself but its successor in a fixed cyclic order (:data:`SUCCESSOR`:
+recall's values v0 … v63, the passkey's 32 key words in ``tasks.PASSKEY_WORDS`` order): finding the stored
+word is the token mixers' job, the per-word map is a lookup that only FFN weights can store, so each task
+needs the experts that hold its map.
 
 The model is a ``Qwen3_5MoeForCausalLM`` (one [3 × Gated DeltaNet, 1 × gated
-attention] group; every FFN a sparse block of 8 experts, top-2, with a gated
+attention] group; every FFN a sparse block of 8 experts, top-2, with a small gated
 shared expert), trained with the answer-only loss plus transformers'
-load-balancing loss. :func:`routing_specialisation` measures, per layer, the
+load-balancing loss taken over the mixture (both tasks' tokens together, so
+the experts are balanced overall while each task may keep its own). :func:`routing_specialisation` measures, per layer, the
 mutual information between the task and each token's top-1 expert on fresh
 data, against the same statistic with the task labels shuffled between
 sequences; :func:`removal_experiment` removes the experts each task prefers
@@ -32,8 +38,8 @@ from .._io import atomic_directory
 from ..chat_format import TEMPLATES
 from . import tasks
 
-__all__ = ["NAME", "TASKS", "vocabulary", "build_tokenizer", "make_batch", "model_config", "train", "evaluate",
-           "routing_specialisation", "preferred_experts", "removal_experiment"]
+__all__ = ["NAME", "TASKS", "SUCCESSOR", "vocabulary", "build_tokenizer", "make_batch", "model_config", "train",
+           "evaluate", "routing_specialisation", "preferred_experts", "removal_experiment"]
 
 NAME = "moe-mix"
 TASKS = ("recall", "passkey")
@@ -42,17 +48,20 @@ RECALL_PAIRS = (2, 8)  # pairs drawn per batch
 PASSKEY_FILLER = (16, 64)  # filler tokens drawn per batch (multiples of 16)
 EVAL_LENGTHS = {"recall": 8, "passkey": 64}
 EVAL_SEED = 4242
+# each task's answer: the stored word's successor in a fixed cyclic order (recall's values; the passkey's words)
+_CYCLES = {"recall": [f"v{i}" for i in range(tasks.RECALL_NUM_VALUES)], "passkey": list(tasks.PASSKEY_WORDS)}
+SUCCESSOR = {task: {w: cycle[(i + 1) % len(cycle)] for i, w in enumerate(cycle)} for task, cycle in _CYCLES.items()}
 CONFIG = dict(
     hidden_size=128, num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"],
     full_attention_interval=4, num_attention_heads=2, num_key_value_heads=1, head_dim=32, attn_output_gate=True,
     linear_num_key_heads=2, linear_num_value_heads=2, linear_key_head_dim=32, linear_value_head_dim=32,
     linear_conv_kernel_dim=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128,
-    shared_expert_intermediate_size=64, router_aux_loss_coef=0.01, hidden_act="silu", rms_norm_eps=1e-6,
+    shared_expert_intermediate_size=16, router_aux_loss_coef=0.01, hidden_act="silu", rms_norm_eps=1e-6,
     max_position_embeddings=4096, tie_word_embeddings=True,
     rope_parameters={"rope_type": "default", "rope_theta": 1000.0, "partial_rotary_factor": 0.5},
 )
-TRAIN = dict(lr=3e-3, warmup_steps=50, weight_decay=0.1, batch_size=32, max_steps=2000, eval_every=50,
-             target_accuracy=0.97, min_steps=400)
+TRAIN = dict(lr=3e-3, warmup_steps=50, weight_decay=0.1, batch_size={"recall": 32, "passkey": 16}, max_steps=4000,
+             eval_every=50, target_accuracy=0.97, min_steps=400)  # recall, the harder task, gets the larger batch
 
 
 def vocabulary() -> list[str]:
@@ -77,8 +86,15 @@ def build_tokenizer():
 
 def make_batch(task: str, tokenizer, rng: random.Random, length: int, batch_size: int):
     """``(input_ids, labels)`` ``[B, 1 + T]``: the task token, then :func:`tasks.make_batch`'s sequences
-    (labels -100 except at the answers)."""
+    (labels -100 except at the answers), each answer replaced by its :data:`SUCCESSOR`."""
     ids, labels = tasks.make_batch(task, tokenizer, rng, length, batch_size)
+    vocab = tokenizer.get_vocab()
+    succ = torch.arange(len(vocab))
+    for w, nxt in SUCCESSOR[task].items():
+        succ[vocab[w]] = vocab[nxt]
+    at = labels != -100
+    ids[at] = succ[ids[at]]
+    labels[at] = ids[at]
     marker = torch.full((ids.shape[0], 1), tokenizer.get_vocab()[TASK_TOKENS[task]])
     return torch.cat([marker, ids], 1), torch.cat([torch.full_like(marker, -100), labels], 1)
 
@@ -104,10 +120,11 @@ def _accuracy(model, tokenizer, task: str, n: int, seed: int, length: int | None
     return tasks.accuracy_from_logits(logits, ids, labels)
 
 
-def train(*, seed: int = 0, out_dir: str | Path | None = None, minutes: float = 10.0, threads: int = 1,
+def train(*, seed: int = 0, out_dir: str | Path | None = None, minutes: float = 30.0, threads: int = 1,
           max_steps: int | None = None, progress: bool = True) -> Path:
     """Train `moe-mix` from ``seed`` and save it, its card, training log and measurements, atomically."""
     from transformers import GenerationConfig, Qwen3_5MoeForCausalLM
+    from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import load_balancing_loss_func
     from tqdm.auto import tqdm
 
     from . import organisms_dir
@@ -143,12 +160,16 @@ def train(*, seed: int = 0, out_dir: str | Path | None = None, minutes: float = 
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        loss = 0.0
+        loss, router_logits = 0.0, []
         for task in TASKS:  # one batch of each task per step
-            ids, labels = make_batch(task, tokenizer, rng, _draw(task, rng), TRAIN["batch_size"] // 2)
+            ids, labels = make_batch(task, tokenizer, rng, _draw(task, rng), TRAIN["batch_size"][task])
             out_ = model(input_ids=ids, output_router_logits=True)
             ce = torch.nn.functional.cross_entropy(out_.logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten())
-            loss = loss + ce + coef * out_.aux_loss
+            loss = loss + ce
+            router_logits.append(out_.router_logits)  # per layer [B * T, E]
+        # balance the experts over the mixture, not within each task (that would forbid specialisation)
+        mixed = tuple(torch.cat(per_layer) for per_layer in zip(*router_logits))
+        loss = loss + coef * load_balancing_loss_func(mixed, CONFIG["num_experts"], CONFIG["num_experts_per_tok"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -326,11 +347,16 @@ def card(meta: dict, log: list[dict]) -> str:
         "| | |", "|---|---|",
         "| class | `Qwen3_5MoeForCausalLM` (`model_type` `qwen3_5_moe_text`), fp32 safetensors |",
         "| layers | 4: 3 × Gated DeltaNet, 1 × gated attention; every FFN a sparse MoE block |",
-        "| MoE block | 8 experts (width 128), top-2 renormalised, shared expert (width 64) with a sigmoid gate |",
+        f"| MoE block | {CONFIG['num_experts']} experts (width {CONFIG['moe_intermediate_size']}), "
+        f"top-{CONFIG['num_experts_per_tok']} renormalised, shared expert "
+        f"(width {CONFIG['shared_expert_intermediate_size']}) with a sigmoid gate |",
         "| hidden | 128; attention 2 heads / 1 KV head, head_dim 32, RoPE θ 1000 on half the dims |",
         "| data | every sequence starts with a task token: `<recall>` (MQAR, 2–8 pairs) or `<passkey>` "
-        "(16–64 filler tokens); one batch of each per step |",
-        "| loss | cross-entropy on the answers + 0.01 × transformers' load-balancing loss |", "",
+        "(16–64 filler tokens); each answer is the stored word's successor in a fixed cyclic order (recall: "
+        "v0…v63; passkey: its 32 key words), a per-word map only FFN weights can store; per step "
+        f"{TRAIN['batch_size']['recall']} recall and {TRAIN['batch_size']['passkey']} passkey sequences |",
+        f"| loss | cross-entropy on the answers + {CONFIG['router_aux_loss_coef']} × transformers' load-balancing "
+        "loss over both tasks' tokens together |", "",
         "## Accuracy on fresh data", "",
         "| task | length | accuracy | 95% CI | answers |", "|---|---|---|---|---|",
     ]
@@ -359,9 +385,14 @@ def card(meta: dict, log: list[dict]) -> str:
                      f"{r['passkey']:.3f} |")
     lines += [""] + [f"Removing {t}'s experts costs {t} {drops[t][t]:+.3f} and the other task "
                      f"{drops[t][[u for u in TASKS if u != t][0]]:+.3f} accuracy (drops; positive = worse)." for t in TASKS]
-    lines += ["", "Recall is only partly learnt in this budget (chance is 1/64 per answer), and the passkey survives "
-              "the removal of its preferred experts (the shared expert and the remaining experts carry it): the "
-              "causal asymmetry holds for recall's experts, not for passkey's.", ""]
+    holds = [t for t in TASKS if drops[t][t] >= 0.1 and drops[t][t] >= drops[t][[u for u in TASKS if u != t][0]] + 0.1]
+    lines += ["", ("The causal asymmetry holds in both directions: removing the experts a task prefers costs that task "
+                   "at least 0.1 more accuracy than the other task." if len(holds) == len(TASKS) else
+                   f"The causal asymmetry (own drop ≥ 0.1 and ≥ the other task's drop + 0.1) holds for "
+                   f"{', '.join(holds) or 'neither task'}'s experts only."),
+              "Chance is 1/64 per recall answer and 1/32 per passkey answer; recall is learnt to "
+              f"{ev['recall']['accuracy']:.0%} in this budget (still rising slowly when the learning rate reaches 0, "
+              "see `train_log.jsonl`).", ""]
     lines += ["", "`train_log.jsonl` has the loss and both accuracies every 50 steps; "
               "`qwen35_lab.organisms.moe_mix.routing_specialisation` and `removal_experiment` recompute the numbers.",
               ""]
