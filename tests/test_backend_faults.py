@@ -7,6 +7,7 @@ from __future__ import annotations
 import _thread
 import asyncio
 import re
+import signal
 import threading
 
 import httpx
@@ -180,8 +181,12 @@ def test_run_sync_inside_a_running_loop_stops_when_interrupted():
         assert seen == ["cancelled"]  # cancelled, not left running
 
     loop = asyncio.new_event_loop()  # run_until_complete leaves SIGINT to Python, as ipykernel does
+    # Python's own SIGINT handler, as in a kernel: a process started in the background (nohup, `cmd &`) inherits
+    # SIGINT ignored, and interrupt_main then does nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         loop.run_until_complete(cell())
     finally:
         loop.close()
+        signal.signal(signal.SIGINT, previous)
     assert seen == ["cancelled"]
