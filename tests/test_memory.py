@@ -321,9 +321,9 @@ def test_card_transplant_on_recall_linear(recall_linear):
     ids = _ids(lab, rows)
     rate = np.mean(_hits(lab, lab.run(ids, capture="logits", edits={"layers.0.deltanet.state": edit})["logits"],
                          rows, first))
-    base = np.mean(_hits(lab, lab.run(ids, capture="logits")["logits"], rows, first))
-    own = [[(p, w[p]) for p in range(Q_POS + 4, len(w), 2)] for w in rows]  # the prompt's own queries
     plain = lab.run(ids, capture="logits")["logits"]
+    base = np.mean(_hits(lab, plain, rows, first))
+    own = [[(p, w[p]) for p in range(Q_POS + 4, len(w), 2)] for w in rows]  # the prompt's own queries
     ctrl_logits = lab.run(ids, capture="logits", edits={"layers.0.deltanet.state": edit.random_control(5)})["logits"]
     ctrl = np.mean(_hits(lab, ctrl_logits, rows, first))
     own_base, own_ctrl = np.mean(_hits(lab, plain, rows, own)), np.mean(_hits(lab, ctrl_logits, rows, own))

@@ -95,7 +95,7 @@ def make_batch(task: str, tokenizer, rng: random.Random, length: int, batch_size
     at = labels != -100
     ids[at] = succ[ids[at]]
     labels[at] = ids[at]
-    marker = torch.full((ids.shape[0], 1), tokenizer.get_vocab()[TASK_TOKENS[task]])
+    marker = torch.full((ids.shape[0], 1), vocab[TASK_TOKENS[task]])
     return torch.cat([marker, ids], 1), torch.cat([torch.full_like(marker, -100), labels], 1)
 
 
