@@ -1,5 +1,25 @@
 """Long-context experiments on the trained organisms: default RoPE against static YaRN.
 
+On the ``needles`` organism (16 key → value needles, the asked key assigned
+twice so that only word order — RoPE — tells which value is current; trained
+on 256-token haystacks), whose look-up goes through its gated-attention layer:
+
+1. accuracy from ¼× to 16× the training length (n = 200 fresh prompts per
+   point, 95% Wilson intervals) with the default RoPE, YaRN ×2/×4/×8/×16
+   (``original`` = the training length), linear position interpolation
+   ×8 and ×16 and dynamic NTK ×8 (transformers scales it past the config's
+   ``max_position_embeddings``, which is set to the training length for it),
+   plus the rate of answering with the stale value; ``verify_rope`` checks
+   each setting is what the rotary module really applies;
+2. the static-YaRN penalty on short inputs: accuracy and the change of the
+   answer distribution (KL against the default RoPE) at ¼×–1× the training
+   length;
+3. attention probes at the question: the best head's mass on the asked
+   needle and on its stale copy, entropy and mean distance, against length,
+   with each RoPE setting;
+4. the causal controls (attention output zeroed, β = 0) at 1× and 8×;
+5. needle-in-a-haystack grids (depth × length), default RoPE beside YaRN ×8.
+
 On the ``passkey`` organism (one key word hidden in filler, trained on 256
 filler tokens; ``recall`` or ``tiny`` stand in when it is missing) this
 measures, for the default RoPE and YaRN at several factors with
@@ -21,7 +41,8 @@ measures, for the default RoPE and YaRN at several factors with
 Also ``recall`` (multi-query associative recall, lengths in key-value pairs)
 accuracy against length with and without YaRN, when that organism exists.
 
-    python benchmarks/long_context_experiments.py           # ~5-10 min on 2 busy cores
+    python benchmarks/long_context_experiments.py           # ~25 min on 2 cores
+    python benchmarks/long_context_experiments.py --only needles   # keep the other entries of the JSON
     python benchmarks/long_context_experiments.py --quick   # a smoke run
 
 Writes ``benchmarks/results/long_context_experiments.json``.
@@ -44,6 +65,7 @@ import torch  # noqa: E402
 import qwen35_lab as ql  # noqa: E402
 from qwen35_lab import longctx as lc  # noqa: E402
 from qwen35_lab import organisms  # noqa: E402
+from qwen35_lab.longctx.rope import text_config_of  # noqa: E402
 from qwen35_lab.organisms import tasks  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,6 +223,93 @@ def run_recall(lab, quick: bool) -> dict:
     return out
 
 
+def run_needles(lab, quick: bool) -> dict:
+    """The experiment of the module docstring on a ``needles`` organism (lengths in haystack tokens)."""
+    from qwen35_lab.organisms import needles
+
+    L = int(lab.meta.get("train_length", 256))
+    factors = [2, 4, 8, 16] if not quick else [8]
+    ropes = _ropes(L, factors)
+    for f in ([8, 16] if not quick else [8]):
+        ropes[f"linear x{f}"] = {"rope_type": "linear", "factor": float(f)}
+    ropes["dynamic x8"] = {"rope_type": "dynamic", "factor": 8.0}
+    lengths = [L // 4, L // 2, L, 2 * L, 4 * L, 8 * L, 16 * L] if not quick else [L // 2, L, 4 * L]
+    n = 200 if not quick else 16
+    out: dict = {"organism": lab.name, "train_length": L, "n": n, "ropes": ropes, "accuracy": {}, "attention": {},
+                 "short_inputs": {}, "controls": {}, "heatmap": None,
+                 "lengths_note": "length = haystack tokens; a prompt adds '?' and the asked key"}
+    t0 = time.perf_counter()
+    att_lengths = [L // 2, L, 2 * L, 4 * L, 8 * L, 16 * L] if not quick else [L, 4 * L]
+    text = text_config_of(lab.model)
+    native = text.max_position_embeddings
+
+    def use(name: str, rope) -> None:
+        # dynamic NTK rescales past max_position_embeddings (not original_max_position_embeddings)
+        text.max_position_embeddings = L if name.startswith("dynamic") else native
+        lc.set_rope(lab, rope)
+
+    out["verify_rope"] = {}
+    for name, rope in ropes.items():
+        use(name, rope)
+        check = lc.verify_rope(lab, positions=[0, L - 1, 16 * L + 1])
+        out["verify_rope"][name] = {"ok": check["ok"], "differences": check["differences"]}
+        rows = []
+        for length in lengths:
+            r = needles.accuracy(lab, length, n=n, seed=SEED, batch_size=25)
+            rows.append({k: r[k] for k in ("length", "tokens", "accuracy", "correct", "n", "ci95", "stale_rate",
+                                           "answer_nll")})
+        out["accuracy"][name] = rows
+        print(f"[needles] {name:>10}: " + "  ".join(f"{r['length']}:{r['accuracy']:.2f}" for r in rows), flush=True)
+        out["attention"][name] = [needles.attention_at_question(lab, length, n=50 if not quick else 4, seed=SEED + 1)
+                                  for length in att_lengths]
+        print("    needle / stale mass: " + "  ".join(
+            f"{a['length']}:{a['needle_mass']:.2f}/{a['stale_mass']:.2f}" for a in out["attention"][name]), flush=True)
+    use("default", None)
+    for name, rope in ropes.items():
+        if rope is not None and name.startswith("yarn"):
+            out["short_inputs"][name] = [_needles_short_input(lab, rope, length, n, SEED + 2)
+                                         for length in ([L // 4, L // 2, L] if not quick else [L // 2])]
+    lc.set_rope(lab, None)
+    for at in ([L, 8 * L] if not quick else [L]):
+        out["controls"].setdefault("attention_ablation", []).append(
+            needles.attention_ablation(lab, at, n=n, seed=SEED + 5))
+        out["controls"].setdefault("deltanet_ablation", []).append(
+            needles.deltanet_ablation(lab, at, n=n, seed=SEED + 5))
+    grid_ropes = {"default": None, f"yarn x{max(factors)}": ropes[f"yarn x{max(factors)}"]} if quick else \
+        {"default": None, "yarn x8": ropes["yarn x8"]}
+    heat = lc.needle_heatmap(lab, [L // 2, L, 2 * L, 4 * L, 8 * L] if not quick else [L, 2 * L],
+                             [0.0, 0.25, 0.5, 0.75, 1.0] if not quick else [0.0, 1.0], ropes=grid_ropes,
+                             n=40 if not quick else 4, seed=SEED + 6, budget_seconds=3600)
+    out["heatmap"] = heat.as_dict()
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def _needles_short_input(lab, rope: dict, length: int, n: int, seed: int) -> dict:
+    """What static YaRN costs on a short needles prompt: accuracy beside the default RoPE's (same prompts),
+    KL(default ‖ YaRN) of the answer distribution and top-1 agreement."""
+    from qwen35_lab.organisms import needles
+
+    p = needles.prompts(lab, length, n, seed)
+    logits = {}
+    for name, r in (("default", None), ("yarn", rope)):
+        lc.set_rope(lab, r)
+        with torch.no_grad():
+            logits[name] = torch.cat([lab.model(input_ids=p.ids[b:b + 25], logits_to_keep=1).logits[:, -1].double()
+                                      for b in range(0, n, 25)])
+    lc.set_rope(lab, rope)
+    lp, lq = logits["default"].log_softmax(-1), logits["yarn"].log_softmax(-1)
+    out = {"length": length, "tokens": int(p.ids.shape[1]), "n": n,
+           "kl_default_to_yarn": float((lp.exp() * (lp - lq)).sum(-1).clamp_min(0).mean()),
+           "top1_agreement": float((lp.argmax(-1) == lq.argmax(-1)).float().mean())}
+    for name, lg in logits.items():
+        correct = int((lg.argmax(-1) == p.answers).sum())
+        out[f"accuracy_{name}"] = correct / n
+        out[f"ci95_{name}"] = list(tasks.wilson_interval(correct, n))
+        out[f"stale_rate_{name}"] = float((lg.argmax(-1) == p.stale_answers).float().mean())
+    return out
+
+
 def run_tiny(lab, quick: bool) -> dict:
     """Without a trained organism: the logit change static YaRN makes on random-weight `tiny`."""
     L = 256
@@ -219,21 +328,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a smoke run with tiny n")
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--only", choices=["needles", "passkey", "recall"], action="append",
+                        help="run only these organisms and keep the other entries of an existing --out file")
     args = parser.parse_args()
     torch.set_num_threads(2)
     torch.manual_seed(0)
     have = organisms.available()
     result: dict = {"what": "default RoPE against static YaRN (original = training length) on the organisms",
                     "torch": torch.__version__, "organisms": have, "quick": args.quick, "seed": SEED}
+    out = Path(args.out)
+    wanted = set(args.only or ("needles", "passkey", "recall"))
+    if args.only and out.is_file():
+        kept = json.loads(out.read_text())
+        result.update({k: v for k, v in kept.items() if k in ("needles", "passkey", "recall") and k not in wanted})
     t0 = time.perf_counter()
-    if "passkey" in have:
-        result["passkey"] = run_passkey(ql.load("passkey", dtype="float32", device="cpu"), args.quick)
-    if "recall" in have:
-        result["recall"] = run_recall(ql.load("recall", dtype="float32", device="cpu"), args.quick)
-    if "passkey" not in have and "recall" not in have:
+    runs = {"needles": run_needles, "passkey": run_passkey, "recall": run_recall}
+    for name, run in runs.items():
+        if name in have and name in wanted:
+            result[name] = run(ql.load(name, dtype="float32", device="cpu"), args.quick)
+    if not any(name in have for name in runs):
         result["tiny"] = run_tiny(ql.load("tiny", dtype="float32", device="cpu"), args.quick)
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=1) + "\n")

@@ -242,6 +242,42 @@ def test_long_context_plots():
     assert_readable(lc.plot_needle_heatmap(result, train_length=254))
 
 
+def test_needles_experiment_plots():
+    from qwen35_lab.organisms.tasks import wilson_interval
+
+    tokens = [66, 130, 258, 514, 1026, 2050, 4098]
+    def rows(acc, stale):
+        return [{"tokens": t, "length": t - 2, "accuracy": a, "n": 200, "ci95": list(wilson_interval(round(200 * a), 200)),
+                 "stale_rate": r} for t, a, r in zip(tokens, acc, stale)]
+    curves = {"default": rows([0.97, 0.97, 0.96, 0.7, 0.4, 0.3, 0.25], [0, 0, 0.02, 0.2, 0.4, 0.45, 0.4]),
+              "yarn x8": rows([0.9, 0.93, 0.94, 0.93, 0.9, 0.85, 0.6], [0.05, 0.04, 0.03, 0.03, 0.05, 0.1, 0.3]),
+              "linear x8": rows([0.9, 0.93, 0.94, 0.93, 0.9, 0.85, 0.6], [0.05, 0.04, 0.03, 0.03, 0.05, 0.1, 0.3])}
+    attention = {name: [{"tokens": t, "needle_mass": 0.5 / (1 + i * f), "stale_mass": 0.1 * i * f, "entropy": 2 + i,
+                         "mean_distance": 40 * 2 ** i} for i, t in enumerate(tokens[1:])]
+                 for name, f in (("default", 1.0), ("yarn x8", 0.3))}
+    e = {"train_length": 256, "n": 200, "accuracy": curves, "attention": attention,
+         "short_inputs": {"yarn x8": [{"tokens": 66, "n": 200, "accuracy_default": 0.97, "accuracy_yarn": 0.9,
+                                       "ci95_default": [0.94, 0.99], "ci95_yarn": [0.85, 0.93],
+                                       "stale_rate_default": 0.0, "stale_rate_yarn": 0.05,
+                                       "kl_default_to_yarn": 0.21}]}}
+    fig = lc.plot_needles_accuracy(e)
+    assert_readable(fig)
+    assert fig.get_size_inches()[0] <= 10
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "linear x8 (on yarn x8)" in legend and "chance (1/64)" in legend
+    assert len(fig.axes[0].collections) == 3  # one shaded interval per RoPE setting
+    assert_readable(lc.plot_needles_accuracy(e, names=["default", "yarn x8"]))
+    with pytest.raises(ValueError, match=r"no RoPE setting \['yarn x3'\].*'default'"):
+        lc.plot_needles_accuracy(e, names=["yarn x3"])
+    with pytest.raises(ValueError, match="lacks"):
+        lc.plot_needles_accuracy({"train_length": 256})
+    fig = lc.plot_needles_attention(e)
+    assert_readable(fig)
+    assert [ax.get_title() for ax in fig.axes[:2]] == ["mass on the asked needle (latest copy)", "mass on its stale copy"]
+    table = lc.format_needles_short_inputs(e)
+    assert "0.900 [0.85, 0.93]" in table and max(map(len, table.splitlines())) <= 90
+
+
 def test_sampling_plots(tiny):
     import pandas as pd
 

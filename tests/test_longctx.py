@@ -84,6 +84,9 @@ def test_apply_rope_replaces_fields_and_keeps_mrope():
     ({"mrope_section": [11, 11, 11]}, "summing to the 32"),
     ({"rope_type": "longrope", "factor": 4.0, "original_max_position_embeddings": 262_144}, "transformers cannot"),
     ("yarn", "must be a dict"),
+    # transformers' dynamic NTK reads the config's max_position_embeddings (262,144), never this field
+    ({"rope_type": "dynamic", "factor": 4.0, "original_max_position_embeddings": 4096},
+     r"'dynamic'.*ignores original_max_position_embeddings \(4096\)"),
 ])
 def test_bad_rope_is_refused_before_anything_changes(rope, match):
     config = real_config()

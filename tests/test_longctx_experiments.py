@@ -54,14 +54,32 @@ def test_needles_examples_answer_with_the_value_before_the_key(length, num_needl
     assert len(one.answers) == 1 and len(one.words) == 200 + 3  # haystack, "?", key, answer
 
 
+@pytest.mark.parametrize("length, num_needles, stale", [(48, 16, 8), (100, 4, 1), (1000, 16, 16)])
+def test_stale_needles_answer_with_the_later_value(length, num_needles, stale):
+    rng = random.Random(length + stale)
+    for _ in range(20):
+        ex = tasks.needles_example(rng, length, num_needles, queries=None, stale=stale)
+        hay, table, queries = parse_needles(ex.text)  # the dict keeps each key's later value
+        assert len(hay) == length and len(table) == num_needles
+        keys = [w for w in hay if w.startswith("k")]
+        twice = {k for k in keys if keys.count(k) == 2}
+        assert len(keys) == num_needles + stale and len(twice) == stale and max(map(keys.count, keys)) <= 2
+        assert queries[0][0] in twice  # the asked needle is the first to get a stale copy
+        for k in twice:  # the two copies hold different values; the answer is the later one
+            first, last = hay.index(k), len(hay) - 1 - hay[::-1].index(k)
+            assert hay[first - 1] != hay[last - 1] and table[k] == hay[last - 1]
+        assert all(table[q] == a for q, a in queries) and [a for _, a in queries] == ex.answers
+
+
 @pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
 def test_needles_depth_places_the_asked_needle(depth):
     rng = random.Random(3)
-    for _ in range(10):
-        ex = tasks.needles_example(rng, 500, 16, depth=depth)
-        hay, _, [(query, _)] = parse_needles(ex.text)
-        where = hay.index(query) / len(hay)
-        assert abs(where - depth) < 0.05
+    for stale in (0, 1):
+        for _ in range(10):
+            ex = tasks.needles_example(rng, 500, 16, depth=depth, stale=stale)
+            hay, _, [(query, _)] = parse_needles(ex.text)
+            where = (len(hay) - 1 - hay[::-1].index(query)) / len(hay)  # the latest copy
+            assert abs(where - depth) < 0.05
 
 
 def test_needles_bad_input():
@@ -72,6 +90,10 @@ def test_needles_bad_input():
         tasks.needles_example(rng, 7, 4)  # 4 needles need 8 tokens
     with pytest.raises(ValueError, match="num_needles"):
         tasks.needles_example(rng, 100, 25)
+    with pytest.raises(ValueError, match="length"):
+        tasks.needles_example(rng, 9, 4, stale=1)  # 4 needles and a stale copy need 10 tokens
+    with pytest.raises(ValueError, match="stale"):
+        tasks.needles_example(rng, 100, 4, stale=5)
 
 
 def test_wilson_interval_matches_the_textbook_values():

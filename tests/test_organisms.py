@@ -360,3 +360,28 @@ def test_training_is_deterministic_and_saves_a_loadable_organism(tmp_path):
     assert lab.meta["seed"] == 3 and lab.meta["organism"] == "recall"
     with pytest.raises(ValueError, match="trainable organisms"):
         train("tiny", out_dir=tmp_path / "d")
+
+
+@pytest.mark.slow
+def test_a_second_stage_continues_a_saved_run(tmp_path):
+    from safetensors.torch import load_file
+
+    from qwen35_lab.organisms.train import train
+
+    a = train("recall", seed=3, out_dir=tmp_path / "a", max_steps=3, progress=False, evaluate_after=False)
+    b = train("recall", seed=3, out_dir=tmp_path / "b", max_steps=2, lr=1e-3, init_from=a, progress=False,
+              evaluate_after=False)
+    meta = json.loads((b / "qwen35_lab.json").read_text())
+    assert meta["steps"] == 5 and [st["steps"] for st in meta["stages"]] == [3, 2]
+    assert meta["stages"][1]["lr"] == 1e-3 and meta["stages"][1]["data_seed"] == 4
+    log = [json.loads(line) for line in (b / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [3, 5]
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys() and any(not torch.equal(wa[k], wb[k]) for k in wa)  # trained on, same shapes
+    with pytest.raises(ValueError, match="holds organism 'recall', not 'passkey'"):
+        train("passkey", init_from=a, max_steps=1, out_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="not a saved organism"):
+        train("recall", init_from=tmp_path / "nowhere", max_steps=1, out_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="lr"):
+        train("recall", init_from=a, lr=-1.0, max_steps=1, out_dir=tmp_path / "c")
+    assert not (tmp_path / "c").exists()

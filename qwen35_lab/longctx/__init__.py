@@ -27,10 +27,13 @@ from .memory import MemoryPlan, check_fits, format_memory_table, memory_table, p
 from .attention import chunk_attention, chunked_attention
 from .needles import NeedleHeatmap, needle_heatmap, plot_needle_heatmap
 from .plots import (
+    format_needles_short_inputs,
     format_short_inputs,
     plot_answer_loss,
     plot_attention_at_question,
     plot_length_accuracy,
+    plot_needles_accuracy,
+    plot_needles_attention,
     plot_prefill_summary,
 )
 from .prefill import LongDocument, PrefillResult, chunked_prefill, long_document
@@ -54,5 +57,5 @@ __all__ = [
     "LongDocument", "PrefillResult", "chunked_prefill", "long_document",
     "chunk_attention", "chunked_attention", "NeedleHeatmap", "needle_heatmap", "plot_needle_heatmap",
     "plot_prefill_summary", "plot_length_accuracy", "plot_attention_at_question", "plot_answer_loss",
-    "format_short_inputs",
+    "format_short_inputs", "plot_needles_accuracy", "plot_needles_attention", "format_needles_short_inputs",
 ]

@@ -48,9 +48,9 @@ def needle_task(lab) -> str:
 def _min_length(lab, task: str) -> int:
     """The fewest haystack tokens that hold the needle."""
     if task == "needles":
-        from ..organisms.tasks import NEEDLES_DEFAULT
+        from ..organisms.tasks import NEEDLES_DEFAULT, NEEDLES_STALE_DEFAULT
 
-        return 2 * NEEDLES_DEFAULT
+        return 2 * (NEEDLES_DEFAULT + NEEDLES_STALE_DEFAULT)
     if task == "passkey":
         return 1
     return len(lab.tokenizer.encode(" The pass key is 00000.", add_special_tokens=False)) + 1

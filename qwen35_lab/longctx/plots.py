@@ -12,7 +12,8 @@ import numpy as np
 
 from ..checks import BadType, BadValue, check_float, check_int
 
-__all__ = ["format_short_inputs", "plot_answer_loss", "plot_attention_at_question", "plot_length_accuracy", "plot_prefill_summary"]
+__all__ = ["format_needles_short_inputs", "format_short_inputs", "plot_answer_loss", "plot_attention_at_question",
+           "plot_length_accuracy", "plot_needles_accuracy", "plot_needles_attention", "plot_prefill_summary"]
 
 _ACCURACY_PANELS = (("passkey", "accuracy", "passkey: accuracy"),
                     ("passkey", "attention_only_accuracy", "passkey, attention alone (β = 0)"),
@@ -177,4 +178,92 @@ def format_short_inputs(e: dict) -> str:
         for r in rows:
             out.append(f"{name:<8} {r['tokens']:>6}  {r['kl_default_to_yarn']:>9.1e}  "
                        f"{r['kl_default_to_yarn_attention_only']:>13.1e}  {r['top1_agreement_attention_only']:>16.2f}")
+    return "\n".join(out)
+
+
+_NEEDLES_ATTENTION_KEYS = {"needle_mass": "mass on the asked needle (latest copy)",
+                           "stale_mass": "mass on its stale copy", "entropy": "entropy (nats)",
+                           "mean_distance": "mean distance (tokens)"}
+
+
+def _needles_names(e: dict, names) -> list[str]:
+    have = list(e["accuracy"])
+    if names is None:
+        return have
+    unknown = [n for n in names if n not in have]
+    if unknown:
+        raise BadValue(f"no RoPE setting {unknown} in the needles experiment; it has {have}")
+    return list(names)
+
+
+def plot_needles_accuracy(e: dict, names=None):
+    """``needles``: accuracy against prompt tokens per RoPE with 95% intervals (shaded), and how often the
+    answer is the stale copy's value; dotted: the training length. ``names``: the RoPE settings to draw
+    (default: all). Returns the Figure."""
+    from .. import viz
+
+    e = _need(e, ["accuracy", "train_length", "n"], "the needles experiment")
+    names = _needles_names(e, names)
+    fig = viz._new_figure((10.0, 4.0))
+    axes = fig.subplots(1, 2)
+    trained = e["train_length"] + 2
+    for ax, key, title in zip(axes, ("accuracy", "stale_rate"),
+                              ("accuracy (95% interval shaded)", "answered with the stale value")):
+        curves = [([r["tokens"] for r in e["accuracy"][n]], [r[key] for r in e["accuracy"][n]]) for n in names]
+        _curves(ax, curves, names)
+        if key == "accuracy":
+            for i, n in enumerate(names):
+                rows = e["accuracy"][n]
+                ax.fill_between([r["tokens"] for r in rows], [r["ci95"][0] for r in rows],
+                                [r["ci95"][1] for r in rows], color=f"C{i}", alpha=0.15, lw=0)
+            ax.axhline(1 / 64, color="black", ls="--", lw=0.8, label="chance (1/64)")
+        ax.axvline(trained, color="grey", ls=":", lw=1)
+        ax.set_ylim(-0.03, 1.03)
+        _log_tokens(ax, "prompt tokens")
+        ax.set_ylabel("fraction of prompts", fontsize=viz.TEXT_PT["label"])
+        viz._title(ax, title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=viz.TEXT_PT["tick"], ncols=min(len(labels), 5))
+    viz._suptitle(fig, f"needles: retrieval against length, n = {e['n']} fresh prompts per point "
+                       f"(dotted: training length, {trained} tokens)")
+    return fig
+
+
+def plot_needles_attention(e: dict, names=None):
+    """``needles``: the attention layer's best head at the final ``kX`` against prompt length, per RoPE:
+    mass on the asked needle, mass on its stale copy, entropy and mean distance (2 × 2). Returns the Figure."""
+    from .. import viz
+
+    e = _need(e, ["attention", "train_length"], "the needles experiment")
+    names = _needles_names({"accuracy": e["attention"]}, names)
+    fig = viz._new_figure((9.0, 6.4))
+    axes = fig.subplots(2, 2).ravel()
+    for ax, (key, title) in zip(axes, _NEEDLES_ATTENTION_KEYS.items()):
+        _curves(ax, [([r["tokens"] for r in e["attention"][n]], [r[key] for r in e["attention"][n]])
+                     for n in names], names)
+        ax.axvline(e["train_length"] + 2, color="grey", ls=":", lw=1)
+        _log_tokens(ax, "prompt tokens")
+        if key == "mean_distance":
+            viz._log_scale(ax, "y")
+            viz._plain_numbers(ax, "y")
+        else:
+            viz._plain_numbers(ax, "y")
+        viz._title(ax, title)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", fontsize=viz.TEXT_PT["tick"], ncols=min(len(labels), 4))
+    viz._suptitle(fig, "needles: the attention layer at the asked key (best head; dotted: training length)")
+    return fig
+
+
+def format_needles_short_inputs(e: dict) -> str:
+    """Static YaRN on ``needles`` prompts no longer than the training length: accuracy with the default RoPE
+    and with YaRN on the same prompts (95% intervals), the stale-answer rates, and KL(default ‖ YaRN)."""
+    e = _need(e, ["short_inputs"], "the needles experiment")
+    out = [f"{'rope':<9} {'tokens':>6}  {'default':>20}  {'YaRN':>20}  {'stale d/Y':>9}  {'KL':>7}"]
+    for name, rows in e["short_inputs"].items():
+        for r in rows:
+            d, y = r["ci95_default"], r["ci95_yarn"]
+            out.append(f"{name:<9} {r['tokens']:>6}  {r['accuracy_default']:.3f} [{d[0]:.2f}, {d[1]:.2f}]  "
+                       f"{r['accuracy_yarn']:.3f} [{y[0]:.2f}, {y[1]:.2f}]  "
+                       f"{r['stale_rate_default']:.2f}/{r['stale_rate_yarn']:.2f}  {r['kl_default_to_yarn']:>7.3f}")
     return "\n".join(out)

@@ -202,6 +202,15 @@ def _validate(rope, text_config) -> dict:
                              f"model was trained for (262144 for the released models)")
         if not _is_int(original) or original < 1:
             raise BadValue(f"original_max_position_embeddings must be a positive int, got {original!r}")
+    if rope_type == "dynamic":
+        native = getattr(text_config, "max_position_embeddings", None)
+        original = merged.get("original_max_position_embeddings")
+        if original is not None and original != native:
+            raise BadValue(f"rope_type 'dynamic' in transformers rescales only past the config's "
+                           f"max_position_embeddings ({native}) and ignores original_max_position_embeddings "
+                           f"({original}): below {native} tokens it would silently stay the default RoPE. "
+                           f"Drop original_max_position_embeddings, or use 'yarn' / 'linear' for a context "
+                           f"trained at {original}")
     for key in ("attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim"):
         if key in merged and merged[key] is not None and (not _is_number(merged[key]) or merged[key] <= 0):
             raise BadValue(f"{key} must be a positive number, got {merged[key]!r}")

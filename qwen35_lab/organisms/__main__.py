@@ -27,10 +27,14 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("name", choices=sorted(set(TRAINABLE) | {"chat", "moe-mix"}))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output directory (default: data/organisms/NAME)")
-    t.add_argument("--minutes", type=float, default=None, help="wall-clock cap in minutes (default 55; chat: 70; moe-mix: 30)")
+    t.add_argument("--init-from", default=None, help="continue a saved run of the same organism (a second stage; "
+                                                     "task organisms only)")
+    t.add_argument("--max-steps", type=int, default=None, help="steps of this run (default: the recipe's)")
+    t.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the recipe's)")
+    t.add_argument("--minutes", type=float, default=None, help="wall-clock cap in minutes (default 55; chat: 70; needles: 75; moe-mix: 30)")
     e = sub.add_parser("evaluate", help="accuracy of a trained organism on fresh data")
     e.add_argument("name", help="organism name or checkpoint directory")
-    e.add_argument("--length", type=int, default=None, help="recall: pairs; passkey: filler tokens "
+    e.add_argument("--length", type=int, default=None, help="recall: pairs; passkey: filler tokens; needles: haystack tokens "
                                                             "(default: the training length)")
     e.add_argument("--n", type=int, default=200, help="number of prompts (default 200)")
     e.add_argument("--seed", type=int, default=12345)
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         path = build(args.name, args.out)
         print(f"built {args.name} in {path}")
     elif args.command == "train":
+        if args.name in ("chat", "moe-mix") and (args.init_from or args.max_steps or args.lr):
+            parser.error(f"--init-from, --max-steps and --lr apply to the task organisms, not {args.name!r}")
         if args.name == "chat":
             from .chat import train as train_chat
 
@@ -51,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
             from .train import train
 
             path = train(args.name, seed=args.seed, out_dir=args.out,
-                         minutes=55.0 if args.minutes is None else args.minutes)
+                         minutes={"needles": 75.0}.get(args.name, 55.0) if args.minutes is None else args.minutes,
+                         init_from=args.init_from, max_steps=args.max_steps, lr=args.lr)
         print(f"trained {args.name} in {path}")
     else:
         from .. import load

@@ -1,7 +1,10 @@
 """How the ``needles`` organism finds a value among many needles: the attention layer looks it up.
 
 A prompt hides ``N`` needles ``v7 k12`` (value, then key) in filler and asks
-``? k12``; the answer is ``v7``. Helpers here build such prompts at any length
+``? k12``; the answer is ``v7``. The asked key was assigned twice (a *stale*
+needle ``v3 k12`` sits somewhere before the current one): the answer is the
+later value, so the look-up must tell the two copies apart by word order,
+which only RoPE gives the attention layer. Helpers here build such prompts at any length
 and needle depth, score them (one answer per prompt, with a 95% Wilson
 interval), look at what the attention layer does at the question
 (:func:`attention_at_question`: mass on the target needle, entropy, mean
@@ -27,11 +30,15 @@ __all__ = ["Prompts", "prompts", "accuracy", "attention_at_question", "attention
 
 class Prompts:
     """``n`` needles prompts of one length: ``ids`` [n, T] (without the answer), ``answers`` [n] (token ids),
-    ``key_pos`` / ``value_pos`` [n] (where the target needle's key and value tokens sit)."""
+    ``key_pos`` / ``value_pos`` [n] (where the target needle's key and value tokens sit), ``stale_pos`` [n]
+    (the stale copy's key token; -1 where the prompts have none) and ``stale_answers`` [n] (its value)."""
 
-    def __init__(self, ids, answers, key_pos, value_pos, length: int, depth):
+    def __init__(self, ids, answers, key_pos, value_pos, length: int, depth, stale_pos=None, stale_answers=None):
         self.ids, self.answers, self.key_pos, self.value_pos = ids, answers, key_pos, value_pos
         self.length, self.depth = length, depth
+        n = ids.shape[0]
+        self.stale_pos = torch.full((n,), -1) if stale_pos is None else stale_pos
+        self.stale_answers = torch.full((n,), -1) if stale_answers is None else stale_answers
 
     def __len__(self) -> int:
         return int(self.ids.shape[0])
@@ -48,21 +55,26 @@ def _check_lab(lab) -> None:
 
 
 def prompts(lab, length: int, n: int, seed: int, depth: float | None = None,
-            num_needles: int = tasks.NEEDLES_DEFAULT) -> Prompts:
-    """``n`` fresh prompts with a haystack of ``length`` tokens; the asked needle at ``depth`` (random if None)."""
+            num_needles: int = tasks.NEEDLES_DEFAULT, stale: int = tasks.NEEDLES_STALE_DEFAULT) -> Prompts:
+    """``n`` fresh prompts with a haystack of ``length`` tokens; the asked needle (its latest copy) at
+    ``depth`` (random if None); ``stale`` needles, the asked one first, were assigned before."""
     _check_lab(lab)
     num_needles = check_int("num_needles", num_needles, lo=1, hi=tasks.NEEDLES_MAX)
-    length = check_int("length", length, lo=2 * num_needles)
+    stale = check_int("stale", stale, lo=0, hi=num_needles)
+    length = check_int("length", length, lo=2 * (num_needles + stale))
     n = check_int("n", n, lo=1)
     if depth is not None:
         depth = check_float("depth", depth, lo=0.0, hi=1.0)
     rng = random.Random(seed)
-    examples = [tasks.needles_example(rng, length, num_needles, depth=depth) for _ in range(n)]
+    examples = [tasks.needles_example(rng, length, num_needles, depth=depth, stale=stale) for _ in range(n)]
     vocab = lab.tokenizer.get_vocab()
     ids = torch.tensor([[vocab[w] for w in ex.words[:-1]] for ex in examples])  # [n, T]
     answers = torch.tensor([vocab[ex.answers[0]] for ex in examples])
-    key_pos = torch.tensor([ex.words.index(ex.words[-2]) for ex in examples])  # first occurrence of the asked key
-    return Prompts(ids, answers, key_pos, key_pos - 1, length, depth)
+    seen = [[i for i, w in enumerate(ex.words[:-3]) if w == ex.words[-2]] for ex in examples]  # the asked key
+    key_pos = torch.tensor([s[-1] for s in seen])  # in the haystack, the latest copy ...
+    stale_pos = torch.tensor([s[0] if len(s) > 1 else -1 for s in seen])  # ... and the stale one
+    stale_answers = torch.tensor([vocab[ex.words[s[0] - 1]] if len(s) > 1 else -1 for ex, s in zip(examples, seen)])
+    return Prompts(ids, answers, key_pos, key_pos - 1, length, depth, stale_pos, stale_answers)
 
 
 def _logits_last(lab, ids: torch.Tensor, edits=None, batch_size: int = 50) -> torch.Tensor:
@@ -79,18 +91,23 @@ def _logits_last(lab, ids: torch.Tensor, edits=None, batch_size: int = 50) -> to
 
 
 def accuracy(lab, length: int, *, n: int = 200, seed: int = 12345, depth: float | None = None,
-             num_needles: int = tasks.NEEDLES_DEFAULT, edits=None, batch_size: int = 50) -> dict:
+             num_needles: int = tasks.NEEDLES_DEFAULT, stale: int = tasks.NEEDLES_STALE_DEFAULT, edits=None,
+             batch_size: int = 50) -> dict:
     """Fraction of ``n`` fresh prompts answered right (argmax at ``?  kX``), with its 95% Wilson interval.
 
-    Returns ``{"accuracy", "correct", "n", "ci95", "answer_nll", "length", "tokens", "depth"}``
-    (``answer_nll``: mean ``-log p(answer)`` in nats, more sensitive than accuracy to small changes).
+    Returns ``{"accuracy", "correct", "n", "ci95", "stale_rate", "answer_nll", "length", "tokens", "depth"}``
+    (``stale_rate``: fraction answered with the stale copy's value — the error of a model that cannot
+    tell which copy came later; ``answer_nll``: mean ``-log p(answer)`` in nats, more sensitive than
+    accuracy to small changes).
     """
-    p = prompts(lab, length, n, seed, depth, num_needles)
+    p = prompts(lab, length, n, seed, depth, num_needles, stale)
     batch_size = check_int("batch_size", batch_size, lo=1)
     logits = _logits_last(lab, p.ids, edits, batch_size).double()  # [n, vocab]
-    correct = int((logits.argmax(-1) == p.answers).sum())
+    pred = logits.argmax(-1)
+    correct = int((pred == p.answers).sum())
     nll = float(-logits.log_softmax(-1).gather(-1, p.answers[:, None]).mean())
     return {"accuracy": correct / n, "correct": correct, "n": n, "ci95": list(tasks.wilson_interval(correct, n)),
+            "stale_rate": float((pred == p.stale_answers).float().mean()),
             "answer_nll": nll, "length": length, "tokens": int(p.ids.shape[1]), "depth": depth}
 
 
@@ -105,13 +122,14 @@ def attention_at_question(lab, length: int, *, n: int = 50, seed: int = 2024, ba
     """What the attention layer does at the final query key (``? kX``), averaged over ``n`` prompts.
 
     ``needle_mass``: probability on the target needle's two tokens (its value and key), best head
-    and per head; ``entropy`` (nats), ``max_prob``, ``mean_distance`` (tokens) of the best head's
+    and per head; ``stale_mass``: the same head's probability on the stale copy's two tokens;
+    ``entropy`` (nats), ``max_prob``, ``mean_distance`` (tokens) of the best head's
     distribution (``layers.i.attn.summary``); ``accuracy`` of the same prompts.
     """
     layer = _attention_layer(lab)
     p = prompts(lab, length, n, seed)
     T = p.ids.shape[1]
-    mass, summaries, correct = [], {}, 0
+    mass, stale_mass, summaries, correct = [], [], {}, 0
     for b0 in range(0, n, batch_size):
         sl = slice(b0, b0 + batch_size)
         tr = lab.run(p.ids[sl], capture=[f"layers.{layer}.attn.probs", f"layers.{layer}.attn.summary"],
@@ -119,6 +137,9 @@ def attention_at_question(lab, length: int, *, n: int = 50, seed: int = 2024, ba
         probs = tr[f"layers.{layer}.attn.probs"][:, :, -1].float()  # [b, Hq, T]
         rows = torch.arange(probs.shape[0])
         mass.append(probs[rows, :, p.key_pos[sl]] + probs[rows, :, p.value_pos[sl]])  # [b, Hq]
+        sp = p.stale_pos[sl]
+        has = (sp >= 1)[:, None]
+        stale_mass.append(torch.where(has, probs[rows, :, sp.clamp_min(1)] + probs[rows, :, sp.clamp_min(1) - 1], 0.0))
         for k, v in tr[f"layers.{layer}.attn.summary"].items():
             summaries.setdefault(k, []).append(v[:, :, -1].float())  # [b, Hq]
         correct += int((tr.meta["last_logits"].argmax(-1) == p.answers[sl]).sum())
@@ -126,7 +147,8 @@ def attention_at_question(lab, length: int, *, n: int = 50, seed: int = 2024, ba
     head = int(per_head.argmax())
     summary = {k: torch.cat(v)[:, head].mean().item() for k, v in summaries.items()}
     return {"length": length, "tokens": T, "n": n, "layer": layer, "head": head,
-            "needle_mass": per_head[head].item(), "needle_mass_per_head": per_head.tolist(), **summary,
+            "needle_mass": per_head[head].item(), "needle_mass_per_head": per_head.tolist(),
+            "stale_mass": torch.cat(stale_mass)[:, head].mean().item(), **summary,
             "uniform_entropy": float(torch.log(torch.tensor(float(T)))), "accuracy": correct / n}
 
 

@@ -56,7 +56,7 @@ from ..checks import BadValue, check_choice, check_int
 __all__ = [
     "TASKS", "RECALL_NUM_KEYS", "RECALL_NUM_VALUES", "PASSKEY_WORDS", "FILLER_SENTENCES",
     "vocabulary", "build_tokenizer", "Example", "recall_example", "passkey_example",
-    "make_batch", "accuracy_from_logits", "evaluate", "NEEDLES_DEFAULT", "needles_example", "wilson_interval",
+    "make_batch", "accuracy_from_logits", "evaluate", "NEEDLES_DEFAULT", "NEEDLES_STALE_DEFAULT", "needles_example", "wilson_interval",
 ]
 
 TASKS = ("recall", "passkey", "needles")
@@ -87,6 +87,7 @@ NEEDLE = "the key is {} ."
 # needles: N key → value pairs (keys k0..k63, values v0..v63) hidden in filler sentences
 NEEDLES_DEFAULT = 16
 NEEDLES_MAX = 24
+NEEDLES_STALE_DEFAULT = 1  # the asked needle was assigned twice: the answer is the later value
 QUESTION = "what is the key ?"
 
 
@@ -186,34 +187,45 @@ def passkey_example(rng: random.Random, length: int, depth: float | None = None)
 
 
 def needles_example(rng: random.Random, length: int, num_needles: int = NEEDLES_DEFAULT,
-                    depth: float | None = None, queries: int | None = 1) -> Example:
+                    depth: float | None = None, queries: int | None = 1, stale: int = 0) -> Example:
     """``num_needles`` key → value needles in a haystack of ``length`` tokens, then ``?`` and the queries.
 
     The first query asks the target needle, placed at relative ``depth`` of
     the haystack (random if None); ``queries`` keys are asked in all (None:
     every key, in shuffled order after the target), each followed by its value.
+    ``stale`` needles (the target first) were assigned before: an earlier
+    needle with the same key and another value sits at a random slot at or
+    before the current one. The answer is always the latest value, so telling
+    the two apart needs word order — which only RoPE gives the attention layer.
     """
     _check_int("num_needles", num_needles, 1, NEEDLES_MAX)
-    _check_int("length", length, 2 * num_needles, 10_000_000)
+    _check_int("stale", stale, 0, num_needles)
+    _check_int("length", length, 2 * (num_needles + stale), 10_000_000)
     if depth is not None and not (isinstance(depth, (int, float)) and not isinstance(depth, bool)
                                   and 0.0 <= depth <= 1.0):
         raise BadValue(f"depth must be a number in [0, 1] or None, got {depth!r}")
     q = num_needles if queries is None else queries
     _check_int("queries", q, 1, num_needles)
-    sentences = _filler(rng, length - 2 * num_needles)
+    sentences = _filler(rng, length - 2 * (num_needles + stale))
     keys = rng.sample(range(RECALL_NUM_KEYS), num_needles)
     values = [rng.randrange(RECALL_NUM_VALUES) for _ in keys]
     n_slots = len(sentences) + 1
     slots = [rng.randrange(n_slots) for _ in keys]
     if depth is not None:
         slots[0] = round(depth * (n_slots - 1))
-    at: dict[int, list[int]] = {}
-    for i, s in enumerate(slots):
-        at.setdefault(s, []).append(i)
+    # (slot, 0 = stale / 1 = current, needle index, value): a stale copy comes first within its slot
+    entries = [(slots[i], 1, i, values[i]) for i in range(num_needles)]
+    for i in range(stale):
+        old = rng.randrange(RECALL_NUM_VALUES - 1)
+        entries.append((rng.randint(0, slots[i]), 0, i, old + (old >= values[i])))
+    entries.sort()
+    at: dict[int, list[tuple[int, int]]] = {}
+    for s, _, i, v in entries:
+        at.setdefault(s, []).append((i, v))
     words: list[str] = []
     for s in range(n_slots):
-        for i in at.get(s, []):
-            words += [f"v{values[i]}", f"k{keys[i]}"]
+        for i, v in at.get(s, []):
+            words += [f"v{v}", f"k{keys[i]}"]
         if s < len(sentences):
             words += sentences[s]
     words.append(RECALL_QUERY)
@@ -319,9 +331,10 @@ def evaluate(lab, task: str, *, length: int | None = None, n: int = 200, seed: i
     if task == "needles":
         kwargs["num_needles"] = NEEDLES_DEFAULT if num_needles is None else num_needles
         _check_int("num_needles", kwargs["num_needles"], 1, NEEDLES_MAX)
+        kwargs["stale"] = min(NEEDLES_STALE_DEFAULT, kwargs["num_needles"])
     elif num_needles is not None:
         raise ValueError(f"num_needles is a parameter of the 'needles' task, not of {task!r}")
-    lo = {"recall": 1, "passkey": 0, "needles": 2 * kwargs.get("num_needles", 0)}[task]
+    lo = {"recall": 1, "passkey": 0, "needles": 2 * (kwargs.get("num_needles", 0) + kwargs.get("stale", 0))}[task]
     _check_int("length", length, lo, RECALL_NUM_KEYS if task == "recall" else 10_000_000)
     vocab = lab.tokenizer.get_vocab()
     missing = [w for w in vocabulary(task) if w not in vocab]

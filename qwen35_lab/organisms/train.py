@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from .. import checks
 from .._io import atomic_directory
 from ..chat_format import TEMPLATES, template_for
 from . import tasks
@@ -100,11 +101,14 @@ RECIPES: dict[str, Recipe] = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
         linear_key_head_dim=8, rope_theta=1000.0, partial_rotary_factor=0.25,
         batch_size=32, max_steps=8000, eval_every=200, target_accuracy=0.99, min_steps=600,
-        description="16 key → value needles in a 256-token haystack; one [3 × Gated DeltaNet, 1 × gated "
-                    "attention] group whose look-up goes through the attention layer",
+        description="16 key → value needles in a 256-token haystack, the asked key assigned twice (the later "
+                    "value counts); one [3 × Gated DeltaNet, 1 × gated attention] group whose look-up goes "
+                    "through the attention layer and tells the copies apart by RoPE",
         # A first run (2,500 steps, ramp over 800, 22 min on one thread) left the loss at chance for ~1,000
         # steps and stopped, with the learning rate decayed to 0, at loss 3.16 and 6% held-out accuracy: the
-        # look-up had only begun to form. Hence the longer schedule and ramp (not yet run to the end).
+        # look-up had only begun to form. Hence the longer schedule and ramp. Stale copies (a key assigned
+        # twice) were added so that the answer needs word order, not only content: without them the look-up
+        # can be done by the 48 position-free dims of each attention head and need not depend on RoPE.
         extra={"min_needles": 6, "max_needles": 16, "ramp_steps": 2500},
     ),
 }
@@ -163,7 +167,8 @@ def _batch_kwargs(recipe: Recipe, rng: random.Random, length: int) -> dict:
     if recipe.task != "needles":
         return {}
     hi = min(recipe.extra["max_needles"], length // 4)
-    return {"num_needles": rng.randint(min(recipe.extra["min_needles"], hi), hi), "queries": None}
+    n = rng.randint(min(recipe.extra["min_needles"], hi), hi)
+    return {"num_needles": n, "queries": None, "stale": rng.randint(0, n // 2)}
 
 
 def _draw_length(recipe: Recipe, rng: random.Random, step: int = 0) -> int:
@@ -181,7 +186,7 @@ def _draw_length(recipe: Recipe, rng: random.Random, step: int = 0) -> int:
 
 def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minutes: float = 55.0,
           threads: int = 1, max_steps: int | None = None, progress: bool = True,
-          evaluate_after: bool = True) -> Path:
+          evaluate_after: bool = True, init_from: str | Path | None = None, lr: float | None = None) -> Path:
     """Train organism ``name`` from ``seed`` and save it (atomically) to ``out_dir``.
 
     Stops when an evaluation at the training length reaches the recipe's
@@ -192,6 +197,9 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
     (``evaluate_after=False`` skips the card's evaluation and card, for quick checks).
     ``threads`` defaults to 1: on a shared 2-core machine two OpenMP threads
     slow these small matmuls down many times over.
+    ``init_from``: continue from a saved run of the same organism (a second
+    stage: its weights, a fresh optimiser and schedule of ``max_steps`` at peak
+    ``lr``, data from ``seed + 1``); its log and steps are carried into this one.
     """
     from transformers import GenerationConfig, Qwen3_5ForCausalLM
     from tqdm.auto import tqdm
@@ -206,16 +214,22 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
         raise ValueError(f"minutes must be a positive number, got {minutes!r}")
     recipe = RECIPES[name]
     steps_cap = recipe.max_steps if max_steps is None else max_steps
+    peak_lr = recipe.lr if lr is None else checks.check_float("lr", lr, lo=0.0, lo_open=True, hi=1.0)
+    source = _init_source(name, init_from) if init_from is not None else None
     out = Path(out_dir) if out_dir is not None else organisms_dir() / name
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    rng = random.Random(seed)
+    rng = random.Random(seed if source is None else seed + 1)
     tokenizer = tasks.build_tokenizer(recipe.task)
     config = model_config(recipe, len(tokenizer))
-    model = Qwen3_5ForCausalLM(config).float()
-    init_decay(model, torch.Generator().manual_seed(seed))
+    if source is None:
+        model = Qwen3_5ForCausalLM(config).float()
+        init_decay(model, torch.Generator().manual_seed(seed))
+    else:
+        model = Qwen3_5ForCausalLM.from_pretrained(source["path"], dtype=torch.float32)
+        _check_same_shape(model.config, config, source["path"])
     model.train()
 
     decay, no_decay = [], []
@@ -227,7 +241,7 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
 
     def lr_at(step: int) -> float:
         warm = min(1.0, (step + 1) / recipe.warmup_steps)
-        return recipe.lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, steps_cap) / steps_cap))
+        return peak_lr * warm * 0.5 * (1 + math.cos(math.pi * min(step, steps_cap) / steps_cap))
 
     log: list[dict] = []
     start = time.time()
@@ -237,7 +251,7 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
     for step in bar:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
-        length = _draw_length(recipe, rng, step)
+        length = _draw_length(recipe, rng, step + (source["steps"] if source else 0))  # a second stage: no new ramp
         input_ids, labels = tasks.make_batch(recipe.task, tokenizer, rng, length, recipe.batch_size,
                                              **_batch_kwargs(recipe, rng, length))
         logits = model(input_ids=input_ids).logits
@@ -270,10 +284,17 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
         variant = template_for(model.config)
         tokenizer.chat_template = TEMPLATES[variant]  # written as chat_template.jinja: apply_chat_template works
         tokenizer.save_pretrained(tmp)
+        if source is not None:  # one log and step count over both stages
+            log = source["log"] + [{**row, "step": row["step"] + source["steps"],
+                                    "seconds": round(row["seconds"] + source["train_seconds"], 1)} for row in log]
+            seconds += source["train_seconds"]
         meta = {"organism": name, "task": recipe.task, "seed": seed, "train_length": recipe.train_length,
                 "chat_template": variant,
                 "recipe": asdict(recipe), "steps": log[-1]["step"] if log else 0,
                 "train_seconds": round(seconds, 1), "stopped": stopped, "torch": torch.__version__}
+        if source is not None:
+            meta["stages"] = source["stages"] + [{"steps": meta["steps"] - source["steps"], "lr": peak_lr,
+                                                  "data_seed": seed + 1, "stopped": stopped}]
         (tmp / "qwen35_lab.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         with open(tmp / "train_log.jsonl", "w") as f:
             for row in log:
@@ -288,12 +309,38 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
     return out
 
 
+def _init_source(name: str, init_from) -> dict:
+    """The saved run a second stage continues: its folder, steps, time and log (checked before any work)."""
+    path = Path(init_from)
+    meta_file = path / "qwen35_lab.json"
+    if not meta_file.is_file() or not (path / "model.safetensors").is_file():
+        raise checks.BadValue(f"init_from={str(init_from)!r} is not a saved organism (no qwen35_lab.json and "
+                              f"model.safetensors there)")
+    meta = json.loads(meta_file.read_text())
+    if meta.get("organism") != name:
+        raise checks.BadValue(f"init_from={str(init_from)!r} holds organism {meta.get('organism')!r}, not {name!r}")
+    log = [json.loads(line) for line in (path / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    stages = meta.get("stages") or [{"steps": meta["steps"], "lr": meta["recipe"]["lr"], "data_seed": meta["seed"],
+                                     "stopped": meta["stopped"]}]
+    return {"path": str(path), "steps": int(meta["steps"]), "train_seconds": float(meta["train_seconds"]),
+            "log": log, "stages": stages}
+
+
+def _check_same_shape(loaded, wanted, path: str) -> None:
+    keys = ("layer_types", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "linear_key_head_dim", "linear_value_head_dim", "vocab_size")
+    differ = {k: (getattr(loaded, k), getattr(wanted, k)) for k in keys if getattr(loaded, k) != getattr(wanted, k)}
+    if differ:
+        raise checks.BadValue(f"init_from={path!r} has another shape than this recipe: {differ} (saved, recipe)")
+
+
 def _quick_eval(model, tokenizer, recipe: Recipe, seed: int) -> float:
     """Accuracy at the training length on data no training batch uses (its own seed)."""
     model.eval()
     rng = random.Random(10_000_019 + seed)
     with torch.no_grad():
-        kwargs = {"num_needles": recipe.extra["max_needles"]} if recipe.task == "needles" else {}
+        kwargs = ({"num_needles": recipe.extra["max_needles"], "stale": tasks.NEEDLES_STALE_DEFAULT}
+                  if recipe.task == "needles" else {})
         input_ids, labels = tasks.make_batch(recipe.task, tokenizer, rng, recipe.train_length, recipe.eval_n, **kwargs)
         acc = tasks.accuracy_from_logits(model(input_ids=input_ids).logits.float(), input_ids, labels)
     model.train()
@@ -386,7 +433,7 @@ def _plot_curve(path: Path, recipe: Recipe, log: list[dict]) -> None:
 def _example_text(task: str) -> str:
     rng = random.Random(1)
     if task == "needles":
-        return tasks.needles_example(rng, 40, 4, queries=None).text
+        return tasks.needles_example(rng, 40, 4, queries=None, stale=2).text
     return tasks.recall_example(rng, 4).text if task == "recall" else tasks.passkey_example(rng, 24).text
 
 
@@ -394,9 +441,12 @@ def card(recipe: Recipe, meta: dict, log: list[dict]) -> str:
     """The organism's README.md."""
     ev = meta["evaluation"]
     lines = [f"# `{recipe.name}` — {recipe.description}", ""]
-    lines += [f"Trained by `python -m qwen35_lab.organisms train {recipe.name} --seed {meta['seed']}` "
-              f"in {meta['train_seconds']:.0f} s ({meta['steps']} steps, stopped by {meta['stopped']}) on one CPU "
-              f"thread, torch {meta['torch']}. Load it with `qwen35_lab.load({recipe.name!r})`.", ""]
+    stages = meta.get("stages") or []
+    how = (f"in {len(stages)} stages (" + "; ".join(f"{st['steps']} steps at peak lr {st['lr']:g}, stopped by "
+                                                   f"{st['stopped']}" for st in stages) + "; commands under Reproduce)"
+           if stages else f"by `python -m qwen35_lab.organisms train {recipe.name} --seed {meta['seed']}`")
+    lines += [f"Trained {how} in {meta['train_seconds']:.0f} s ({meta['steps']} steps, stopped by {meta['stopped']}) "
+              f"on one CPU thread, torch {meta['torch']}. Load it with `qwen35_lab.load({recipe.name!r})`.", ""]
     lines += ["## Task and prompt format", ""]
     if recipe.task == "needles":
         lines += _needles_task_lines(recipe)
@@ -513,8 +563,13 @@ def card(recipe: Recipe, meta: dict, log: list[dict]) -> str:
 
 
 def _reproduce_lines(recipe: Recipe, meta: dict) -> list[str]:
+    first = meta["stages"][0]["steps"] if meta.get("stages") else None
+    more = [f"python -m qwen35_lab.organisms train {recipe.name} --seed {meta['seed']} --init-from "
+            f"data/organisms/{recipe.name} --max-steps {st['steps']} --lr {st['lr']:g}"
+            for st in meta.get("stages", [])[1:]]
     return ["", "## Reproduce", "", "```",
-            f"python -m qwen35_lab.organisms train {recipe.name} --seed {meta['seed']}",
+            f"python -m qwen35_lab.organisms train {recipe.name} --seed {meta['seed']}"
+            + (f"   # stage 1: {first} steps" if more else ""), *more,
             f"python -m qwen35_lab.organisms evaluate {recipe.name} --length {recipe.train_length}", "```", "",
             "Data come from `random.Random(seed)` in this process and initialisation from `torch.manual_seed(seed)`; "
             "deterministic algorithms are on, so a run repeats on one machine (other CPUs or torch versions may "
@@ -525,20 +580,26 @@ def _needles_task_lines(recipe: Recipe) -> list[str]:
     ex = recipe.extra
     return [
         f"Many key → value needles in a haystack of filler sentences, one of them asked at the end. A needle is a",
-        "value word followed by its key (`v7 k12`); keys are distinct (`k0`–`k63`), values `v0`–`v63`. After `?`",
-        "the keys are asked, each followed by its value. Plain text, no chat template:", "",
+        "value word followed by its key (`v7 k12`); keys are `k0`–`k63`, values `v0`–`v63`. Some keys were",
+        "assigned twice: a *stale* needle with another value sits somewhere before the current one, and the",
+        "answer is always the **later** value. After `?` the keys are asked, each followed by its value. Plain",
+        "text, no chat template (two keys below are each assigned twice):", "",
         "```", _example_text("needles"), "```", "",
         f"`length` counts the haystack tokens (filler + 2 per needle). Training: haystacks of {recipe.min_length}–"
         f"{recipe.train_length} tokens (the upper limit grows linearly to {recipe.train_length} over the first "
-        f"{ex.get('ramp_steps', 0)} steps), {ex['min_needles']}–{ex['max_needles']} needles (at most one per 4 "
-        "tokens), every key asked (loss on the values after `?` only). Evaluation: 16 needles, **one** query, "
-        "the prompt ends at `? kX` and the answer is the next token (chance 1/64). `evaluate(lab, 'needles', "
-        "length=L)` and `qwen35_lab.organisms.needles.accuracy(lab, L, depth=...)` build prompts of any length.",
+        f"{ex.get('ramp_steps', 0)} steps), {ex['min_needles']}–{ex['max_needles']} distinct keys (at most one per 4 "
+        "tokens), up to half of them with a stale copy, every key asked (loss on the values after `?` only). "
+        "Evaluation: 16 needles, the asked one with a stale copy before it, **one** query, the prompt ends at "
+        "`? kX` and the answer is the next token (chance 1/64; answering the stale value is counted as "
+        "`stale_rate`). `evaluate(lab, 'needles', length=L)` and "
+        "`qwen35_lab.organisms.needles.accuracy(lab, L, depth=...)` build prompts of any length.",
         "",
         "Why this task: the final `kX` can find the earlier `kX` by its own identity and read the value that",
         "the token before it left there — an attention look-up — while the Gated DeltaNet heads, with 8-dim",
-        "keys, cannot hold 16 associations in their state. The look-up then depends on the attention layer and",
-        "so on its RoPE, unlike `passkey`, whose single key is carried by the position-free DeltaNet state.",
+        "keys, cannot hold 16 associations in their state. Two copies of `kX` match equally by content; only",
+        "their positions — the rotary part of the attention's query and key — say which is the later one. So",
+        "the look-up depends on the attention layer and on its RoPE, unlike `passkey`, whose single key is",
+        "carried by the position-free DeltaNet state.",
     ]
 
 
@@ -552,12 +613,16 @@ def _needles_card_lines(c: Recipe, meta: dict) -> list[str]:
     L = c.train_length
     lines = ["## Evaluation", "",
              f"`qwen35_lab.organisms.needles.accuracy(lab, L, n=200, seed={ev['seed']})` on the saved bf16 weights "
-             "(loaded in fp32), fresh data, 16 needles, one query; accuracy with its 95% Wilson interval:", "",
-             "| prompt tokens | × training | default RoPE | YaRN ×8 (original " + f"{L}) |", "|---:|---:|---:|---:|"]
+             "(loaded in fp32), fresh data, 16 needles, the asked one with a stale copy, one query; accuracy with "
+             "its 95% Wilson interval, and the share answered with the stale value:", "",
+             "| prompt tokens | × training | default RoPE | stale | YaRN ×8 (original " + f"{L}) | stale |",
+             "|---:|---:|---:|---:|---:|---:|"]
     yarn = {r["tokens"]: r for r in ev["yarn_x8"]["by_length"]}
+    stale = lambda r: f"{r['stale_rate']:.3f}" if r and "stale_rate" in r else ""  # noqa: E731
     for r in ev["by_length"]:
         y = yarn.get(r["tokens"])
-        lines.append(f"| {r['tokens']} | {r['tokens'] / L:g} | {_fmt_ci(r)} | {_fmt_ci(y) if y else ''} |")
+        lines.append(f"| {r['tokens']} | {r['tokens'] / (L + 2):.2g} | {_fmt_ci(r)} | {stale(r)} | "
+                     f"{_fmt_ci(y) if y else ''} | {stale(y)} |")
     ctl = ev["controls"]
     lines += ["", "## The look-up goes through the attention layer (causal controls)", "",
               "`needles.attention_ablation` zeroes the attention layer's output (`layers.3.attn.out`); "
@@ -580,16 +645,16 @@ def _needles_card_lines(c: Recipe, meta: dict) -> list[str]:
     lines += ["", verdict, "",
               "## What the attention layer does at the question", "",
               "`needles.attention_at_question(lab, L, n=50)`: at the final `kX`, the attention probability on "
-              "the asked needle's two tokens (best head), and that head's entropy and mean distance "
-              "(`layers.3.attn.summary`):", "",
-              "| RoPE | prompt tokens | mass on the needle | entropy (nats; uniform) | mean distance | head |",
-              "|---|---:|---:|---:|---:|---:|"]
+              "the asked needle's two tokens (best head) and on its stale copy's, and that head's entropy and "
+              "mean distance (`layers.3.attn.summary`):", "",
+              "| RoPE | prompt tokens | mass on the needle | on the stale copy | entropy (nats; uniform) | "
+              "mean distance | head |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, rows in ev["attention"].items():
         for r in rows:
-            lines.append(f"| {name} | {r['tokens']} | {r['needle_mass']:.3f} | {r['entropy']:.2f} "
-                         f"({r['uniform_entropy']:.2f}) | {r['mean_distance']:.0f} | {r['head']} |")
-    lines += ["", "The full experiment (¼× to 16× the training length, YaRN at several factors, linear and "
-              "dynamic NTK, the short-input penalty, heatmaps) is `benchmarks/long_context_experiments.py`, "
+            lines.append(f"| {name} | {r['tokens']} | {r['needle_mass']:.3f} | {r.get('stale_mass', float('nan')):.3f} "
+                         f"| {r['entropy']:.2f} ({r['uniform_entropy']:.2f}) | {r['mean_distance']:.0f} | {r['head']} |")
+    lines += ["", "The full experiment (¼× to 16× the training length, YaRN at several factors, linear "
+              "interpolation and dynamic NTK, the short-input penalty, the probes against length, heatmaps) is `benchmarks/long_context_experiments.py`, "
               "its results `benchmarks/results/long_context_experiments.json`, and notebook 06 reads them."]
     return lines
 
