@@ -384,4 +384,9 @@ def test_a_second_stage_continues_a_saved_run(tmp_path):
         train("recall", init_from=tmp_path / "nowhere", max_steps=1, out_dir=tmp_path / "c")
     with pytest.raises(ValueError, match="lr"):
         train("recall", init_from=a, lr=-1.0, max_steps=1, out_dir=tmp_path / "c")
+    with pytest.raises(ValueError, match="max_steps"):
+        train("recall", init_from=a, max_steps=0, out_dir=tmp_path / "c")
     assert not (tmp_path / "c").exists()
+    c = train("recall", seed=3, out_dir=tmp_path / "c", max_steps=1, init_from=b, progress=False, evaluate_after=False)
+    third = json.loads((c / "qwen35_lab.json").read_text())["stages"]
+    assert [st["data_seed"] for st in third] == [3, 4, 5]  # each stage draws data of its own

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         path = build(args.name, args.out)
         print(f"built {args.name} in {path}")
     elif args.command == "train":
-        if args.name in ("chat", "moe-mix") and (args.init_from or args.max_steps or args.lr):
+        if args.name in ("chat", "moe-mix") and any(v is not None for v in (args.init_from, args.max_steps, args.lr)):
             parser.error(f"--init-from, --max-steps and --lr apply to the task organisms, not {args.name!r}")
         if args.name == "chat":
             from .chat import train as train_chat

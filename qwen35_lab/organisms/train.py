@@ -209,7 +209,7 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
     slow these small matmuls down many times over.
     ``init_from``: continue from a saved run of the same organism (a second
     stage: its weights, a fresh optimiser and schedule of ``max_steps`` at peak
-    ``lr``, data from ``seed + 1``); its log and steps are carried into this one.
+    ``lr``, data from ``seed`` + the number of earlier stages); its log and steps are carried into this one.
     """
     from transformers import GenerationConfig, Qwen3_5ForCausalLM
     from tqdm.auto import tqdm
@@ -223,7 +223,7 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
     if not (isinstance(minutes, (int, float)) and minutes > 0):
         raise ValueError(f"minutes must be a positive number, got {minutes!r}")
     recipe = RECIPES[name]
-    steps_cap = recipe.max_steps if max_steps is None else max_steps
+    steps_cap = recipe.max_steps if max_steps is None else checks.check_int("max_steps", max_steps, lo=1)
     peak_lr = recipe.lr if lr is None else checks.check_float("lr", lr, lo=0.0, lo_open=True, hi=1.0)
     source = _init_source(name, init_from) if init_from is not None else None
     out = Path(out_dir) if out_dir is not None else organisms_dir() / name
@@ -231,7 +231,8 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
-    rng = random.Random(seed if source is None else seed + 1)
+    data_seed = seed if source is None else seed + len(source["stages"])  # each stage draws its own data
+    rng = random.Random(data_seed)
     tokenizer = tasks.build_tokenizer(recipe.task)
     config = model_config(recipe, len(tokenizer))
     if source is None:
@@ -304,7 +305,7 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
                 "train_seconds": round(seconds, 1), "stopped": stopped, "torch": torch.__version__}
         if source is not None:
             meta["stages"] = source["stages"] + [{"steps": meta["steps"] - source["steps"], "lr": peak_lr,
-                                                  "data_seed": seed + 1, "stopped": stopped}]
+                                                  "data_seed": data_seed, "stopped": stopped}]
         (tmp / "qwen35_lab.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         with open(tmp / "train_log.jsonl", "w") as f:
             for row in log:
