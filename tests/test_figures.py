@@ -264,7 +264,7 @@ def test_needles_experiment_plots():
     assert_readable(fig)
     assert fig.get_size_inches()[0] <= 10
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert "linear x8 (on yarn x8)" in legend and "chance (1/64)" in legend
+    assert "linear x8 (on yarn x8)" in legend and "chance (1/16)" in legend  # 16 values
     assert len(fig.axes[0].collections) == 3  # one shaded interval per RoPE setting
     assert_readable(lc.plot_needles_accuracy(e, names=["default", "yarn x8"]))
     with pytest.raises(ValueError, match=r"no RoPE setting \['yarn x3'\].*'default'"):

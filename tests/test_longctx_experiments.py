@@ -33,20 +33,21 @@ def parse_needles(text: str):
     words = text.split()
     cut = words.index("?")
     hay = words[:cut]
-    table = {hay[i + 1]: hay[i] for i in range(len(hay) - 1)
-             if re.fullmatch(r"v\d+", hay[i]) and re.fullmatch(r"k\d+", hay[i + 1])}
+    needles = [m.groups() for m in map(re.compile(r"(k\d+):(v\d+)").fullmatch, hay) if m]
+    table = dict(needles)  # a later needle of the same key overwrites the earlier one
     after = words[cut + 1:]
     return hay, table, list(zip(after[0::2], after[1::2]))
 
 
 @pytest.mark.parametrize("length, num_needles", [(32, 16), (100, 4), (1000, 16)])
-def test_needles_examples_answer_with_the_value_before_the_key(length, num_needles):
+def test_needles_examples_answer_with_the_needles_value(length, num_needles):
     rng = random.Random(length)
     for _ in range(20):
         ex = tasks.needles_example(rng, length, num_needles, queries=None)
         hay, table, queries = parse_needles(ex.text)
         assert len(hay) == length and len(table) == num_needles  # distinct keys, all present
         assert sum(w.startswith("k") for w in hay) == num_needles  # keys only inside needles
+        assert all(w in tasks.vocabulary("needles") for w in ex.words)
         assert sorted(q for q, _ in queries) == sorted(table)
         assert all(table[q] == a for q, a in queries) and [a for _, a in queries] == ex.answers
         assert [ex.words[p] for p in ex.answer_positions] == ex.answers
@@ -61,13 +62,13 @@ def test_stale_needles_answer_with_the_later_value(length, num_needles, stale):
         ex = tasks.needles_example(rng, length, num_needles, queries=None, stale=stale)
         hay, table, queries = parse_needles(ex.text)  # the dict keeps each key's later value
         assert len(hay) == length and len(table) == num_needles
-        keys = [w for w in hay if w.startswith("k")]
+        keys = [w.split(":")[0] for w in hay if w.startswith("k")]
         twice = {k for k in keys if keys.count(k) == 2}
         assert len(keys) == num_needles + stale and len(twice) == stale and max(map(keys.count, keys)) <= 2
         assert queries[0][0] in twice  # the asked needle is the first to get a stale copy
         for k in twice:  # the two copies hold different values; the answer is the later one
-            first, last = hay.index(k), len(hay) - 1 - hay[::-1].index(k)
-            assert hay[first - 1] != hay[last - 1] and table[k] == hay[last - 1]
+            copies = [w.split(":")[1] for w in hay if w.startswith(k + ":")]
+            assert copies[0] != copies[1] and table[k] == copies[1]
         assert all(table[q] == a for q, a in queries) and [a for _, a in queries] == ex.answers
 
 
@@ -78,7 +79,7 @@ def test_needles_depth_places_the_asked_needle(depth):
         for _ in range(10):
             ex = tasks.needles_example(rng, 500, 16, depth=depth, stale=stale)
             hay, _, [(query, _)] = parse_needles(ex.text)
-            where = (len(hay) - 1 - hay[::-1].index(query)) / len(hay)  # the latest copy
+            where = max(i for i, w in enumerate(hay) if w.startswith(query + ":")) / len(hay)  # the latest copy
             assert abs(where - depth) < 0.05
 
 
@@ -87,11 +88,11 @@ def test_needles_bad_input():
     with pytest.raises(ValueError, match="depth"):
         tasks.needles_example(rng, 100, 4, depth=1.5)
     with pytest.raises(ValueError, match="length"):
-        tasks.needles_example(rng, 7, 4)  # 4 needles need 8 tokens
+        tasks.needles_example(rng, 3, 4)  # 4 needles need 4 tokens
     with pytest.raises(ValueError, match="num_needles"):
         tasks.needles_example(rng, 100, 25)
     with pytest.raises(ValueError, match="length"):
-        tasks.needles_example(rng, 9, 4, stale=1)  # 4 needles and a stale copy need 10 tokens
+        tasks.needles_example(rng, 4, 4, stale=1)  # 4 needles and a stale copy need 5 tokens
     with pytest.raises(ValueError, match="stale"):
         tasks.needles_example(rng, 100, 4, stale=5)
 

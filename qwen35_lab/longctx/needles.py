@@ -167,8 +167,14 @@ def _check_grid(lab, lengths, depths, ropes, task):
 
 
 def _estimate(lab, task, lengths, depths, ropes, n, seed, batch_size) -> dict:
-    """Seconds (from two short timed cells, fitted as a·T + b·T²) and peak bytes (memory planner) of the grid."""
-    probe = [max(_min_length(lab, task), 64), max(_min_length(lab, task), 64) * 2]
+    """Seconds (from two short timed cells, fitted as a·T + b·T²) and peak bytes (memory planner) of the grid.
+
+    One untimed cell first (the first forward pays for allocation and kernel selection), then cells at
+    a short length and at up to 8× it: two points far apart, so millisecond noise at the short one
+    does not turn into a large quadratic term at the grid's longest length."""
+    base = max(_min_length(lab, task), 64)
+    probe = [base, max(2 * base, min(max(lengths), 8 * base))]
+    _cell_accuracy(lab, task, base, 0.5, 1, seed, batch_size)
     timings = []
     for length in probe:
         m = min(n, 4)

@@ -216,7 +216,8 @@ def plot_needles_accuracy(e: dict, names=None):
                 rows = e["accuracy"][n]
                 ax.fill_between([r["tokens"] for r in rows], [r["ci95"][0] for r in rows],
                                 [r["ci95"][1] for r in rows], color=f"C{i}", alpha=0.15, lw=0)
-            ax.axhline(1 / 64, color="black", ls="--", lw=0.8, label="chance (1/64)")
+            chance = e["controls"]["attention_ablation"][0]["chance"] if e.get("controls") else 1 / 16
+            ax.axhline(chance, color="black", ls="--", lw=0.8, label=f"chance (1/{round(1 / chance)})")
         ax.axvline(trained, color="grey", ls=":", lw=1)
         ax.set_ylim(-0.03, 1.03)
         _log_tokens(ax, "prompt tokens")

@@ -23,7 +23,7 @@ __all__ = ["BUILDERS", "TRAINABLE", "organisms_dir", "available", "build", "eval
 
 BUILDERS = {"tiny": "qwen35_lab.organisms.tiny:build_tiny",
             "tiny-moe": "qwen35_lab.organisms.tiny_moe:build_tiny_moe"}  # a random-weight qwen3_5_moe
-TRAINABLE = ("recall", "recall-linear", "passkey")
+TRAINABLE = ("recall", "recall-linear", "passkey", "needles")
 
 
 def evaluate(lab, task: str, **kwargs) -> dict:

@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("name", choices=sorted(BUILDERS))
     b.add_argument("--out", default=None, help="output directory (default: data/organisms/NAME)")
     t = sub.add_parser("train", help="train a task organism from a seed (CPU)")
-    t.add_argument("name", choices=sorted(set(TRAINABLE) | {"chat", "moe-mix", "needles"}))  # needles: not shipped yet
+    t.add_argument("name", choices=sorted(set(TRAINABLE) | {"chat", "moe-mix"}))
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", default=None, help="output directory (default: data/organisms/NAME)")
     t.add_argument("--init-from", default=None, help="continue a saved run of the same organism (a second stage; "

@@ -1,10 +1,10 @@
 """How the ``needles`` organism finds a value among many needles: the attention layer looks it up.
 
-A prompt hides ``N`` needles ``v7 k12`` (value, then key) in filler and asks
-``? k12``; the answer is ``v7``. The asked key was assigned twice (a *stale*
-needle ``v3 k12`` sits somewhere before the current one): the answer is the
-later value, so the look-up must tell the two copies apart by word order,
-which only RoPE gives the attention layer. Helpers here build such prompts at any length
+A prompt hides ``N`` needles in filler, each one token ``k12:v7`` (key 12
+holds value 7), and asks ``? k12``; the answer is ``v7``. The asked key was
+assigned twice (a *stale* needle ``k12:v3`` sits somewhere before the current
+one): the answer is the later value, so the look-up must tell the two copies
+apart by word order, which only RoPE gives the attention layer. Helpers here build such prompts at any length
 and needle depth, score them (one answer per prompt, with a 95% Wilson
 interval), look at what the attention layer does at the question
 (:func:`attention_at_question`: mass on the target needle, entropy, mean
@@ -30,11 +30,11 @@ __all__ = ["Prompts", "prompts", "accuracy", "attention_at_question", "attention
 
 class Prompts:
     """``n`` needles prompts of one length: ``ids`` [n, T] (without the answer), ``answers`` [n] (token ids),
-    ``key_pos`` / ``value_pos`` [n] (where the target needle's key and value tokens sit), ``stale_pos`` [n]
-    (the stale copy's key token; -1 where the prompts have none) and ``stale_answers`` [n] (its value)."""
+    ``needle_pos`` [n] (where the target needle's token sits), ``stale_pos`` [n] (the stale copy's token;
+    -1 where the prompts have none) and ``stale_answers`` [n] (its value)."""
 
-    def __init__(self, ids, answers, key_pos, value_pos, length: int, depth, stale_pos=None, stale_answers=None):
-        self.ids, self.answers, self.key_pos, self.value_pos = ids, answers, key_pos, value_pos
+    def __init__(self, ids, answers, needle_pos, length: int, depth, stale_pos=None, stale_answers=None):
+        self.ids, self.answers, self.needle_pos = ids, answers, needle_pos
         self.length, self.depth = length, depth
         n = ids.shape[0]
         self.stale_pos = torch.full((n,), -1) if stale_pos is None else stale_pos
@@ -61,7 +61,7 @@ def prompts(lab, length: int, n: int, seed: int, depth: float | None = None,
     _check_lab(lab)
     num_needles = check_int("num_needles", num_needles, lo=1, hi=tasks.NEEDLES_MAX)
     stale = check_int("stale", stale, lo=0, hi=num_needles)
-    length = check_int("length", length, lo=2 * (num_needles + stale))
+    length = check_int("length", length, lo=num_needles + stale)
     n = check_int("n", n, lo=1)
     if depth is not None:
         depth = check_float("depth", depth, lo=0.0, hi=1.0)
@@ -70,11 +70,13 @@ def prompts(lab, length: int, n: int, seed: int, depth: float | None = None,
     vocab = lab.tokenizer.get_vocab()
     ids = torch.tensor([[vocab[w] for w in ex.words[:-1]] for ex in examples])  # [n, T]
     answers = torch.tensor([vocab[ex.answers[0]] for ex in examples])
-    seen = [[i for i, w in enumerate(ex.words[:-3]) if w == ex.words[-2]] for ex in examples]  # the asked key
-    key_pos = torch.tensor([s[-1] for s in seen])  # in the haystack, the latest copy ...
+    asked = [ex.words[-2] + ":" for ex in examples]  # needles of the asked key: "k12:..."
+    seen = [[i for i, w in enumerate(ex.words[:-3]) if w.startswith(a)] for ex, a in zip(examples, asked)]
+    needle_pos = torch.tensor([s[-1] for s in seen])  # in the haystack, the latest copy ...
     stale_pos = torch.tensor([s[0] if len(s) > 1 else -1 for s in seen])  # ... and the stale one
-    stale_answers = torch.tensor([vocab[ex.words[s[0] - 1]] if len(s) > 1 else -1 for ex, s in zip(examples, seen)])
-    return Prompts(ids, answers, key_pos, key_pos - 1, length, depth, stale_pos, stale_answers)
+    stale_answers = torch.tensor([vocab[ex.words[s[0]].split(":")[1]] if len(s) > 1 else -1
+                                  for ex, s in zip(examples, seen)])
+    return Prompts(ids, answers, needle_pos, length, depth, stale_pos, stale_answers)
 
 
 def _logits_last(lab, ids: torch.Tensor, edits=None, batch_size: int = 50) -> torch.Tensor:
@@ -121,8 +123,8 @@ def _attention_layer(lab) -> int:
 def attention_at_question(lab, length: int, *, n: int = 50, seed: int = 2024, batch_size: int = 25) -> dict:
     """What the attention layer does at the final query key (``? kX``), averaged over ``n`` prompts.
 
-    ``needle_mass``: probability on the target needle's two tokens (its value and key), best head
-    and per head; ``stale_mass``: the same head's probability on the stale copy's two tokens;
+    ``needle_mass``: probability on the target needle's token, best head and per head;
+    ``stale_mass``: the same head's probability on the stale copy's token;
     ``entropy`` (nats), ``max_prob``, ``mean_distance`` (tokens) of the best head's
     distribution (``layers.i.attn.summary``); ``accuracy`` of the same prompts.
     """
@@ -136,10 +138,9 @@ def attention_at_question(lab, length: int, *, n: int = 50, seed: int = 2024, ba
                      positions=[T - 1])
         probs = tr[f"layers.{layer}.attn.probs"][:, :, -1].float()  # [b, Hq, T]
         rows = torch.arange(probs.shape[0])
-        mass.append(probs[rows, :, p.key_pos[sl]] + probs[rows, :, p.value_pos[sl]])  # [b, Hq]
+        mass.append(probs[rows, :, p.needle_pos[sl]])  # [b, Hq]
         sp = p.stale_pos[sl]
-        has = (sp >= 1)[:, None]
-        stale_mass.append(torch.where(has, probs[rows, :, sp.clamp_min(1)] + probs[rows, :, sp.clamp_min(1) - 1], 0.0))
+        stale_mass.append(torch.where((sp >= 0)[:, None], probs[rows, :, sp.clamp_min(0)], 0.0))
         for k, v in tr[f"layers.{layer}.attn.summary"].items():
             summaries.setdefault(k, []).append(v[:, :, -1].float())  # [b, Hq]
         correct += int((tr.meta["last_logits"].argmax(-1) == p.answers[sl]).sum())
@@ -171,4 +172,4 @@ def _ablation(lab, edits: dict, length: int, n: int, seed: int) -> dict:
     cut = accuracy(lab, length, n=n, seed=seed, edits=edits)
     return {"length": length, "n": n, "accuracy": base["accuracy"], "ci95": base["ci95"],
             "ablated_accuracy": cut["accuracy"], "ablated_ci95": cut["ci95"],
-            "chance": 1.0 / tasks.RECALL_NUM_VALUES, "edits": sorted(edits)}
+            "chance": 1.0 / tasks.NEEDLES_NUM_VALUES, "edits": sorted(edits)}

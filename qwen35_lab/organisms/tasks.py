@@ -16,17 +16,18 @@ tokens.
 ``needles`` — many key → value needles in a long haystack of filler
 sentences, one of them asked for at the end::
 
-    the sky is blue . v7 k12 the sun is warm . v40 k3 here we go again . ? k12 v7 k3 v40
+    the sky is blue . k12:v7 the sun is warm . k3:v4 here we go again . ? k12 v7 k3 v4
 
-A needle is the value followed by its key (``v7 k12``): the final ``k12``
-finds the earlier ``k12`` by its own identity and reads the value the token
-before it left there. ``length`` is the number of haystack tokens (filler plus the ``2N`` needle
-tokens); ``N`` needles (distinct keys, default 16) sit at random sentence
-boundaries. In training every key is asked after ``?`` (shuffled, each
+A needle is one word ``k12:v7`` (key ``k0``–``k31`` holds value ``v0``–``v15``):
+the final ``k12`` finds the needle of its key by content and reads its value.
+``length`` is the number of haystack tokens (filler plus one per needle);
+``N`` needles (distinct keys, default 16) sit at random sentence
+boundaries; with ``stale`` copies, a key is assigned twice and the later value
+counts. In training every key is asked after ``?`` (shuffled, each
 followed by its value); for evaluation only the first query counts, so a
 prompt is ``length + 2`` tokens with one answer. With more needles than the
 Gated DeltaNet heads can hold, the look-up has to go through the attention
-layer — and so through RoPE.
+layer — and, to order the copies, through RoPE.
 
 ``passkey`` — one key word hidden at a random depth in filler sentences, asked
 for at the end::
@@ -87,6 +88,8 @@ NEEDLE = "the key is {} ."
 # needles: N key → value pairs (keys k0..k63, values v0..v63) hidden in filler sentences
 NEEDLES_DEFAULT = 16
 NEEDLES_MAX = 24
+NEEDLES_NUM_KEYS = 32  # keys k0..k31 ...
+NEEDLES_NUM_VALUES = 16  # ... values v0..v15: one needle is one token ``k12:v7`` (512 such words)
 NEEDLES_STALE_DEFAULT = 1  # the asked needle was assigned twice: the answer is the later value
 QUESTION = "what is the key ?"
 
@@ -98,6 +101,7 @@ def vocabulary(task: str) -> list[str]:
         words = SPECIAL_TOKENS + [RECALL_QUERY] + [f"k{i}" for i in range(RECALL_NUM_KEYS)]
         words += [f"v{i}" for i in range(RECALL_NUM_VALUES)]
         if task == "needles":
+            words += [needle_word(k, v) for k in range(NEEDLES_NUM_KEYS) for v in range(NEEDLES_NUM_VALUES)]
             for text in FILLER_SENTENCES:
                 words += [w for w in text.split() if w not in words]
         return words
@@ -107,6 +111,11 @@ def vocabulary(task: str) -> list[str]:
             if w not in words:
                 words.append(w)
     return SPECIAL_TOKENS + words + PASSKEY_WORDS
+
+
+def needle_word(key: int, value: int) -> str:
+    """The one-token needle that assigns ``value`` to ``key``: ``k12:v7``."""
+    return f"k{key}:v{value}"
 
 
 def build_tokenizer(task: str):
@@ -200,15 +209,15 @@ def needles_example(rng: random.Random, length: int, num_needles: int = NEEDLES_
     """
     _check_int("num_needles", num_needles, 1, NEEDLES_MAX)
     _check_int("stale", stale, 0, num_needles)
-    _check_int("length", length, 2 * (num_needles + stale), 10_000_000)
+    _check_int("length", length, num_needles + stale, 10_000_000)
     if depth is not None and not (isinstance(depth, (int, float)) and not isinstance(depth, bool)
                                   and 0.0 <= depth <= 1.0):
         raise BadValue(f"depth must be a number in [0, 1] or None, got {depth!r}")
     q = num_needles if queries is None else queries
     _check_int("queries", q, 1, num_needles)
-    sentences = _filler(rng, length - 2 * (num_needles + stale))
-    keys = rng.sample(range(RECALL_NUM_KEYS), num_needles)
-    values = [rng.randrange(RECALL_NUM_VALUES) for _ in keys]
+    sentences = _filler(rng, length - (num_needles + stale))
+    keys = rng.sample(range(NEEDLES_NUM_KEYS), num_needles)
+    values = [rng.randrange(NEEDLES_NUM_VALUES) for _ in keys]
     n_slots = len(sentences) + 1
     slots = [rng.randrange(n_slots) for _ in keys]
     if depth is not None:
@@ -216,7 +225,7 @@ def needles_example(rng: random.Random, length: int, num_needles: int = NEEDLES_
     # (slot, 0 = stale / 1 = current, needle index, value): a stale copy comes first within its slot
     entries = [(slots[i], 1, i, values[i]) for i in range(num_needles)]
     for i in range(stale):
-        old = rng.randrange(RECALL_NUM_VALUES - 1)
+        old = rng.randrange(NEEDLES_NUM_VALUES - 1)
         entries.append((rng.randint(0, slots[i]), 0, i, old + (old >= values[i])))
     entries.sort()
     at: dict[int, list[tuple[int, int]]] = {}
@@ -225,7 +234,7 @@ def needles_example(rng: random.Random, length: int, num_needles: int = NEEDLES_
     words: list[str] = []
     for s in range(n_slots):
         for i, v in at.get(s, []):
-            words += [f"v{v}", f"k{keys[i]}"]
+            words.append(needle_word(keys[i], v))
         if s < len(sentences):
             words += sentences[s]
     words.append(RECALL_QUERY)

@@ -100,26 +100,18 @@ RECIPES: dict[str, Recipe] = {
         train_length=256, min_length=32, length_step=16,
         num_attention_heads=4, num_key_value_heads=2, head_dim=64,
         linear_key_head_dim=8, rope_theta=1000.0, partial_rotary_factor=0.25,
-        batch_size=32, max_steps=8000, eval_every=200, target_accuracy=0.99, min_steps=600,
-        description="16 key → value needles in a 256-token haystack, the asked key assigned twice (the later "
-                    "value counts); one [3 × Gated DeltaNet, 1 × gated attention] group whose look-up goes "
-                    "through the attention layer and tells the copies apart by RoPE",
-        # A first run (2,500 steps, ramp over 800, 22 min on one thread) left the loss at chance for ~1,000
-        # steps and stopped, with the learning rate decayed to 0, at loss 3.16 and 6% held-out accuracy: the
-        # look-up had only begun to form. Hence the longer schedule and ramp. Stale copies (a key assigned
-        # twice) were added so that the answer needs word order, not only content: without them the look-up
-        # can be done by the 48 position-free dims of each attention head and need not depend on RoPE.
-        # Measured since (neither shipped): this recipe with stale copies, 8,000 steps (66 min), ended at 11% on
-        # the stale evaluation and 15% without stale copies (32% with 4 needles), loss ≈ 2.1: the attention at
-        # the question puts ~95% of its mass on value tokens, 10-13% on the right one, and <0.2% on the
-        # matching key — it reads the values present but never learnt to read the key's predecessor. The same
-        # task written key-then-value (`k12 v7`), 5,000 steps, answered 23-33% (n = 200) at every haystack
-        # length from 64 to 4,096 with the default RoPE, but through the Gated DeltaNet state (β = 0 → 2%;
-        # attention output zeroed → 32%): key-then-value is the DeltaNet's own recall format, held to its
-        # 8-dim-key capacity.
-        # Next: keep value-then-key and give the attention a second layer (two [3 + 1] groups, the real
-        # layout repeated) so that a previous-token head can form, or shrink the DeltaNet keys further.
-        extra={"min_needles": 6, "max_needles": 16, "ramp_steps": 2500},
+        lr=1e-3, batch_size=32, max_steps=4000, eval_every=200, target_accuracy=0.99, min_steps=2500,
+        description="16 one-token key → value needles (`k12:v7`) in a 256-token haystack, the asked key assigned "
+                    "twice (the later value counts); one [3 × Gated DeltaNet, 1 × gated attention] group whose "
+                    "look-up goes through the attention layer and tells the copies apart by RoPE",
+        # Earlier designs, measured and not shipped: needles written as two words (`v7 k12` or `k12 v7`),
+        # lr 3e-3, default initialisation. Value-then-key stopped at 11% after 8,000 steps (66 min) with the
+        # attention reading the values present, never the key's neighbour; key-then-value was solved by the
+        # Gated DeltaNet state at its 8-dim-key capacity (23-33% at every length, attention ablation -> 32%).
+        # Small probes on 64-token haystacks then showed why the attention never took over: at lr 3e-3 even a
+        # one-layer attention model stays at chance, and in this layout the random DeltaNet outputs and the
+        # needle words' unrelated embeddings keep it there for 600+ steps at lr 1e-3 (see init_needles).
+        extra={"min_needles": 4, "max_needles": 16, "ramp_steps": 1200},
     ),
 }
 
@@ -170,6 +162,26 @@ def init_decay(model, generator: torch.Generator) -> None:
         lo, hi = math.log(1e-3), math.log(0.1)
         dt = torch.exp(torch.empty(n).uniform_(0, 1, generator=generator) * (hi - lo) + lo)
         attn.dt_bias.data = dt + torch.log(-torch.expm1(-dt))
+
+
+def init_needles(model, tokenizer) -> None:
+    """The needles organism's start: each one-token needle ``k12:v7`` begins as the (rescaled) sum of the
+    ``k12`` and ``v7`` embeddings, and every Gated DeltaNet output projection at zero.
+
+    Measured on 64-token haystacks (8 needles, lr 1e-3): from the default initialisation the loss stays at
+    chance (ln 16) for 600+ steps — 512 needle words must each discover that they share a key with the
+    question's word — and with random DeltaNet outputs in the residual stream the attention layer does not
+    find the look-up either; with both changes the look-up forms within ~150 steps on 32-token haystacks.
+    """
+    vocab = tokenizer.get_vocab()
+    emb = model.get_input_embeddings().weight  # tied: also the output rows
+    with torch.no_grad():
+        for k in range(tasks.NEEDLES_NUM_KEYS):
+            for v in range(tasks.NEEDLES_NUM_VALUES):
+                emb[vocab[tasks.needle_word(k, v)]] = (emb[vocab[f"k{k}"]] + emb[vocab[f"v{v}"]]) / math.sqrt(2)
+        for layer in model.model.layers:
+            if hasattr(layer, "linear_attn"):
+                layer.linear_attn.out_proj.weight.zero_()
 
 
 def _batch_kwargs(recipe: Recipe, rng: random.Random, length: int) -> dict:
@@ -238,6 +250,8 @@ def train(name: str, *, seed: int = 0, out_dir: str | Path | None = None, minute
     if source is None:
         model = Qwen3_5ForCausalLM(config).float()
         init_decay(model, torch.Generator().manual_seed(seed))
+        if recipe.task == "needles":
+            init_needles(model, tokenizer)
     else:
         model = Qwen3_5ForCausalLM.from_pretrained(source["path"], dtype=torch.float32)
         _check_same_shape(model.config, config, source["path"])
@@ -590,27 +604,33 @@ def _reproduce_lines(recipe: Recipe, meta: dict) -> list[str]:
 def _needles_task_lines(recipe: Recipe) -> list[str]:
     ex = recipe.extra
     return [
-        f"Many key → value needles in a haystack of filler sentences, one of them asked at the end. A needle is a",
-        "value word followed by its key (`v7 k12`); keys are `k0`–`k63`, values `v0`–`v63`. Some keys were",
+        "Many key → value needles in a haystack of filler sentences, one of them asked at the end. A needle is",
+        f"one word `k12:v7` (key 12 holds value 7); keys are `k0`–`k{tasks.NEEDLES_NUM_KEYS - 1}`, values "
+        f"`v0`–`v{tasks.NEEDLES_NUM_VALUES - 1}`. Some keys were",
         "assigned twice: a *stale* needle with another value sits somewhere before the current one, and the",
         "answer is always the **later** value. After `?` the keys are asked, each followed by its value. Plain",
         "text, no chat template (two keys below are each assigned twice):", "",
         "```", _example_text("needles"), "```", "",
-        f"`length` counts the haystack tokens (filler + 2 per needle). Training: haystacks of {recipe.min_length}–"
+        f"`length` counts the haystack tokens (filler + 1 per needle). Training: haystacks of {recipe.min_length}–"
         f"{recipe.train_length} tokens (the upper limit grows linearly to {recipe.train_length} over the first "
         f"{ex.get('ramp_steps', 0)} steps), {ex['min_needles']}–{ex['max_needles']} distinct keys (at most one per 4 "
         "tokens), up to half of them with a stale copy, every key asked (loss on the values after `?` only). "
         "Evaluation: 16 needles, the asked one with a stale copy before it, **one** query, the prompt ends at "
-        "`? kX` and the answer is the next token (chance 1/64; answering the stale value is counted as "
-        "`stale_rate`). `evaluate(lab, 'needles', length=L)` and "
+        f"`? kX` and the answer is the next token (chance 1/{tasks.NEEDLES_NUM_VALUES}; answering the stale value "
+        "is counted as `stale_rate`). `evaluate(lab, 'needles', length=L)` and "
         "`qwen35_lab.organisms.needles.accuracy(lab, L, depth=...)` build prompts of any length.",
         "",
-        "Why this task: the final `kX` can find the earlier `kX` by its own identity and read the value that",
-        "the token before it left there — an attention look-up — while the Gated DeltaNet heads, with 8-dim",
-        "keys, cannot hold 16 associations in their state. Two copies of `kX` match equally by content; only",
-        "their positions — the rotary part of the attention's query and key — say which is the later one. So",
-        "the look-up depends on the attention layer and on its RoPE, unlike `passkey`, whose single key is",
-        "carried by the position-free DeltaNet state.",
+        "Why this task: the final `kX` finds the needle `kX:v…` by content and reads its value — an attention",
+        "look-up — while the Gated DeltaNet heads, with 8-dim keys, cannot hold 16 associations in their",
+        "state. Two needles of `kX` match equally by content; only their positions — the rotary part of the",
+        "attention's query and key — say which is the later one. So the look-up depends on the attention layer",
+        "and on its RoPE, unlike `passkey`, whose single key is carried by the position-free DeltaNet state.",
+        "",
+        "Initialisation (`train.init_needles`): each needle word's embedding starts as the sum of its key's and",
+        "its value's (divided by √2), and the Gated DeltaNet output projections start at zero. From the default",
+        "initialisation the loss stayed at chance for 600+ steps in probes on 64-token haystacks (the 512",
+        "needle words must each find out that they share a key with the question's word, through random",
+        "DeltaNet outputs); with it the look-up forms within a few hundred steps.",
     ]
 
 
@@ -644,19 +664,21 @@ def _needles_card_lines(c: Recipe, meta: dict) -> list[str]:
         lines.append(f"| {at['length'] + 2} | {_fmt_ci(at)} | {_fmt_ci(at, 'ablated_accuracy', 'ablated_ci95')} | "
                      f"{_fmt_ci(dn, 'ablated_accuracy', 'ablated_ci95')} |")
     at, dn = ctl["attention_ablation"][0], ctl["deltanet_ablation"][0]
-    lost = lambda r: r["ablated_ci95"][1] < 0.1  # noqa: E731 - the ablated accuracy is near chance
+    lost = lambda r: r["ablated_ci95"][1] < 0.15  # noqa: E731 - the ablated accuracy is near chance (1/16)
     verdict = ("The organism does not solve the task at the training length, so the controls say nothing."
                if at["accuracy"] < 0.5 else
-               "Without the attention output the answer is lost (near chance, 1/64 = 0.016): the look-up goes "
-               "through the attention layer." if lost(at) else
+               f"Without the attention output the answer is lost (near chance, 1/{tasks.NEEDLES_NUM_VALUES}): the "
+               "look-up goes through the attention layer." if lost(at) else
                "Silencing the attention layer does not remove the answer: part of the look-up runs elsewhere.")
-    verdict += "" if at["accuracy"] < 0.5 else (" Without DeltaNet writes it is lost too: those layers carry each value to the key token after it "
-                "(the short convolution and a fast-decaying state), which is what the attention layer reads there."
-                if lost(dn) else " With no DeltaNet writes the answer survives in part.")
+    verdict += "" if at["accuracy"] < 0.5 else (
+        " Without DeltaNet writes it is lost too: the attention layer reads something those layers compute."
+        if lost(dn) else
+        f" With no DeltaNet writes the accuracy falls to {dn['ablated_accuracy']:.2f} (unedited "
+        f"{dn['accuracy']:.2f}): the DeltaNet layers help, but the answer is read through the attention layer.")
     lines += ["", verdict, "",
               "## What the attention layer does at the question", "",
               "`needles.attention_at_question(lab, L, n=50)`: at the final `kX`, the attention probability on "
-              "the asked needle's two tokens (best head) and on its stale copy's, and that head's entropy and "
+              "the asked needle (best head) and on its stale copy, and that head's entropy and "
               "mean distance (`layers.3.attn.summary`):", "",
               "| RoPE | prompt tokens | mass on the needle | on the stale copy | entropy (nats; uniform) | "
               "mean distance | head |", "|---|---:|---:|---:|---:|---:|---:|"]
