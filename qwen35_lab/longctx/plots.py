@@ -216,7 +216,12 @@ def plot_needles_accuracy(e: dict, names=None):
                 rows = e["accuracy"][n]
                 ax.fill_between([r["tokens"] for r in rows], [r["ci95"][0] for r in rows],
                                 [r["ci95"][1] for r in rows], color=f"C{i}", alpha=0.15, lw=0)
-            chance = e["controls"]["attention_ablation"][0]["chance"] if e.get("controls") else 1 / 16
+            if e.get("controls"):
+                chance = e["controls"]["attention_ablation"][0]["chance"]
+            else:
+                from ..organisms.tasks import NEEDLES_NUM_VALUES
+
+                chance = 1 / NEEDLES_NUM_VALUES
             ax.axhline(chance, color="black", ls="--", lw=0.8, label=f"chance (1/{round(1 / chance)})")
         ax.axvline(trained, color="grey", ls=":", lw=1)
         ax.set_ylim(-0.03, 1.03)

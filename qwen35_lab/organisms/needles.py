@@ -70,11 +70,11 @@ def prompts(lab, length: int, n: int, seed: int, depth: float | None = None,
     vocab = lab.tokenizer.get_vocab()
     ids = torch.tensor([[vocab[w] for w in ex.words[:-1]] for ex in examples])  # [n, T]
     answers = torch.tensor([vocab[ex.answers[0]] for ex in examples])
-    asked = [ex.words[-2] + ":" for ex in examples]  # needles of the asked key: "k12:..."
-    seen = [[i for i, w in enumerate(ex.words[:-3]) if w.startswith(a)] for ex, a in zip(examples, asked)]
+    needles = [[(i, tasks.split_needle(w)) for i, w in enumerate(ex.words[:-3])] for ex in examples]
+    seen = [[i for i, kv in row if kv and kv[0] == ex.words[-2]] for ex, row in zip(examples, needles)]  # asked key
     needle_pos = torch.tensor([s[-1] for s in seen])  # in the haystack, the latest copy ...
     stale_pos = torch.tensor([s[0] if len(s) > 1 else -1 for s in seen])  # ... and the stale one
-    stale_answers = torch.tensor([vocab[ex.words[s[0]].split(":")[1]] if len(s) > 1 else -1
+    stale_answers = torch.tensor([vocab[tasks.split_needle(ex.words[s[0]])[1]] if len(s) > 1 else -1
                                   for ex, s in zip(examples, seen)])
     return Prompts(ids, answers, needle_pos, length, depth, stale_pos, stale_answers)
 

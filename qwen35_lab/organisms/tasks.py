@@ -57,7 +57,8 @@ from ..checks import BadValue, check_choice, check_int
 __all__ = [
     "TASKS", "RECALL_NUM_KEYS", "RECALL_NUM_VALUES", "PASSKEY_WORDS", "FILLER_SENTENCES",
     "vocabulary", "build_tokenizer", "Example", "recall_example", "passkey_example",
-    "make_batch", "accuracy_from_logits", "evaluate", "NEEDLES_DEFAULT", "NEEDLES_STALE_DEFAULT", "needles_example", "wilson_interval",
+    "make_batch", "accuracy_from_logits", "evaluate", "NEEDLES_DEFAULT", "NEEDLES_STALE_DEFAULT", "NEEDLES_NUM_KEYS", "NEEDLES_NUM_VALUES",
+    "needle_word", "split_needle", "needles_example", "wilson_interval",
 ]
 
 TASKS = ("recall", "passkey", "needles")
@@ -85,7 +86,7 @@ FILLER_SENTENCES = [
     "the road goes on .",
 ]
 NEEDLE = "the key is {} ."
-# needles: N key → value pairs (keys k0..k63, values v0..v63) hidden in filler sentences
+# needles: N one-token key → value needles (keys k0..k31, values v0..v15) hidden in filler sentences
 NEEDLES_DEFAULT = 16
 NEEDLES_MAX = 24
 NEEDLES_NUM_KEYS = 32  # keys k0..k31 ...
@@ -116,6 +117,12 @@ def vocabulary(task: str) -> list[str]:
 def needle_word(key: int, value: int) -> str:
     """The one-token needle that assigns ``value`` to ``key``: ``k12:v7``."""
     return f"k{key}:v{value}"
+
+
+def split_needle(word: str) -> tuple[str, str] | None:
+    """``("k12", "v7")`` for the needle word ``k12:v7``; None for any other word."""
+    key, sep, value = word.partition(":")
+    return (key, value) if sep else None
 
 
 def build_tokenizer(task: str):
