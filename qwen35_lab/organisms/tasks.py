@@ -57,8 +57,8 @@ from ..checks import BadValue, check_choice, check_int
 __all__ = [
     "TASKS", "RECALL_NUM_KEYS", "RECALL_NUM_VALUES", "PASSKEY_WORDS", "FILLER_SENTENCES",
     "vocabulary", "build_tokenizer", "Example", "recall_example", "passkey_example",
-    "make_batch", "accuracy_from_logits", "evaluate", "NEEDLES_DEFAULT", "NEEDLES_STALE_DEFAULT", "NEEDLES_NUM_KEYS", "NEEDLES_NUM_VALUES",
-    "needle_word", "split_needle", "needles_example", "wilson_interval",
+    "make_batch", "accuracy_from_logits", "evaluate", "NEEDLES_DEFAULT", "NEEDLES_STALE_DEFAULT",
+    "NEEDLES_NUM_KEYS", "NEEDLES_NUM_VALUES", "needle_word", "split_needle", "needles_example", "wilson_interval",
 ]
 
 TASKS = ("recall", "passkey", "needles")
