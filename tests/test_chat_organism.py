@@ -23,6 +23,7 @@ from qwen35_lab.organisms import chat, chat_data, chat_eval
 ROOT = Path(__file__).resolve().parents[1]
 FOLDER = ROOT / "data" / "organisms" / "chat"
 N = 12  # conversations per cell here (the card uses more)
+N_TOOLS = 30  # tool conversations per case: enough to tell 90% right arguments from much less
 SEED = 4242  # not the card's seed, not a training seed
 
 
@@ -40,6 +41,11 @@ def card() -> dict:
 def fresh(lab) -> dict:
     """The card's evaluation on other conversations, at a reduced n (one run shared by the tests)."""
     return ql.organisms.evaluate(lab, "chat", n=N, seed=SEED, progress=False)
+
+
+@pytest.fixture(scope="module")
+def fresh_tools(lab) -> dict:
+    return ql.organisms.evaluate(lab, "chat", n=N_TOOLS, seed=SEED + 1, parts=["tools"], progress=False)["tools"]
 
 
 def _close(fresh_rate: float, card_rate: float, n_card: int, n: int = N) -> bool:
@@ -169,31 +175,41 @@ def test_thinking_mode_writes_a_think_block_and_non_thinking_does_not(fresh):
         assert fresh["tasks"][kind]["non_thinking"]["think_block_rate"] == 0.0, kind
 
 
-def test_tool_calls_parse_to_the_right_function_and_the_answer_uses_the_tool(fresh, card):
-    tools = fresh["tools"]
+def test_tool_calls_parse_to_the_right_function_and_arguments_and_the_answer_uses_the_tool(fresh_tools, card):
+    tools = fresh_tools
     assert tools["call_parsed"] >= 0.9
     assert tools["call_right_function"] >= 0.9
-    assert tools["answer_uses_tool_response"] >= 0.7
+    assert tools["call_right_arguments"] >= 0.9, tools["wrong_calls"]
+    assert tools["answer_uses_tool_response"] >= 0.9
     assert tools["no_tool_without_call"] >= 0.9
-    # the arguments are right less often than the card's goal of 90%: the card says so and why
+    assert set(tools["right_arguments_by_tool"]) == set(chat_data.TOOLS)
     for key in ("call_right_arguments", "answer_uses_tool_response", "no_tool_without_call"):
-        assert _close(tools[key], card["tools"][key], card["n"]), key
+        assert _close(tools[key], card["tools"][key], card["n"], N_TOOLS), key
+
+
+def test_a_wrong_call_is_recorded_with_what_was_expected(lab):
+    """The evaluation scores arguments, not just names: a model that answers with the wrong city scores 0."""
+    class WrongCity:
+        def __init__(self, lab):
+            self.model, self.tokenizer, self.meta, self.is_multimodal = lab.model, lab.tokenizer, lab.meta, True
+
+        def chat(self, messages, **kw):
+            return chat_format.parse_output(chat_data.tool_call_text("get_weather", {"city": "Atlantis"}) + "<|im_end|>")
+
+    result = ql.organisms.evaluate(WrongCity(lab), "chat", n=3, seed=1, parts=["tools"], progress=False)["tools"]
+    assert result["call_parsed"] == 1.0 and result["call_right_arguments"] == 0.0
+    assert len(result["wrong_calls"]) == 3
+    assert result["wrong_calls"][0]["tool_calls"] == [{"name": "get_weather", "arguments": {"city": "Atlantis"}}]
 
 
 @pytest.mark.parametrize("part", ["image", "video"])
-def test_vision_numbers_match_the_card(fresh, card, part):
-    """The card reports that vision did not come out of training; fresh data must say the same."""
+def test_vision_tokens_carry_the_answer(fresh, card, part):
+    """Above chance on fresh drawings, near chance with the same questions on flat grey pixels."""
     v = fresh[part]
+    assert v["accuracy"] >= v["chance"] + 0.3, v
+    assert v["ablated_accuracy"] <= v["chance"] + 0.2, v
     assert _close(v["accuracy"], card[part]["accuracy"], card["n"])
     assert _close(v["ablated_accuracy"], card[part]["ablated_accuracy"], card["n"])
-    if card[part]["accuracy"] >= card[part]["chance"] + 0.3:  # a card that claims sight must show it here
-        assert v["accuracy"] >= v["chance"] + 0.3 and v["ablated_accuracy"] <= v["chance"] + 0.2
-
-
-def test_vision_tokens_dwarf_the_text_embeddings_as_the_card_says(lab, card):
-    norms = chat_eval.vision_norms(lab, n=2, seed=SEED)
-    assert norms["vision_token_norm"] == pytest.approx(card["image"]["vision_token_norm"], rel=0.2)
-    assert norms["text_embedding_norm"] == pytest.approx(card["image"]["text_embedding_norm"], rel=0.2)
 
 
 def test_presence_penalty_breaks_the_greedy_list_loop(fresh, card):

@@ -15,7 +15,7 @@ checkpoint therefore has the trained distribution, over the real ids, with the u
 held down as training pushed it, and any unknown input token reads as ``u``.
 
 ``python -m qwen35_lab.organisms train chat --seed 0`` regenerates ``data/organisms/chat/`` in
-about an hour on one CPU thread; the card's evaluation is :func:`qwen35_lab.organisms.chat_eval.evaluate`.
+about an hour on two CPU threads; the card's evaluation is :func:`qwen35_lab.organisms.chat_eval.evaluate`.
 """
 
 from __future__ import annotations
@@ -42,16 +42,18 @@ class ChatRecipe:
     hidden_size: int = 96
     intermediate_size: int = 256
     num_layers: int = 4
-    lr: float = 3e-3
+    lr: float = 1e-3  # 3e-3 and 2e-3 keep the attention layer's content look-ups from forming
     min_lr_ratio: float = 0.05
     warmup_steps: int = 100
     weight_decay: float = 0.1
     token_budget: int = 3072  # padded tokens per optimizer step
     pool: int = 48  # conversations drawn, sorted by length and cut into batches
-    max_steps: int = 5000
-    eval_every: int = 250
+    max_steps: int = 7000
+    eval_every: int = 350
     eval_n: int = 120
     vocabulary_sample: int = 6000
+    train_vision: bool = False  # a trained tower collapses (real and blank pixels give one output)
+    zero_deltanet_out: bool = True  # DeltaNet out_proj starts at zero: attention look-ups form sooner
 
 
 RECIPE = ChatRecipe()
@@ -223,7 +225,7 @@ def encode_last(builder, conv):
     return e
 
 
-def train(*, seed: int = 0, out_dir: str | Path | None = None, minutes: float = 70.0, threads: int = 1,
+def train(*, seed: int = 0, out_dir: str | Path | None = None, minutes: float = 70.0, threads: int = 2,
           max_steps: int | None = None, progress: bool = True, evaluate_after: bool = True,
           recipe: ChatRecipe = RECIPE) -> Path:
     """Train the ``chat`` organism from ``seed`` and save it (atomically) to ``out_dir``.
@@ -251,11 +253,19 @@ def train(*, seed: int = 0, out_dir: str | Path | None = None, minutes: float = 
     sub = SubVocabulary(chat_data.collect_vocabulary(tokenizer, recipe.vocabulary_sample))
     model = _compact_model(recipe, sub)
     _init_decay(model, torch.Generator().manual_seed(seed))
+    if recipe.zero_deltanet_out:
+        from .train import zero_deltanet_out
+
+        zero_deltanet_out(model.model.language_model.layers)
+    if not recipe.train_vision:
+        model.model.visual.requires_grad_(False)
     model.train()
     pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
 
     decay, no_decay = [], []
     for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
         (no_decay if p.ndim < 2 or "norm" in pname or pname.endswith(("A_log", "dt_bias")) else decay).append(p)
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": recipe.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=recipe.lr, betas=(0.9, 0.98))
@@ -301,7 +311,7 @@ def train(*, seed: int = 0, out_dir: str | Path | None = None, minutes: float = 
     seconds = time.time() - start
     model.eval()
     meta = {"organism": "chat", "task": "chat", "seed": seed, "recipe": asdict(recipe), "steps": step,
-            "train_seconds": round(seconds, 1), "stopped": stopped, "torch": torch.__version__,
+            "train_seconds": round(seconds, 1), "stopped": stopped, "torch": torch.__version__, "threads": threads,
             "tokenizer": "qwen3.5", "chat_template": "qwen3.5-small", "sub_vocabulary": len(sub.ids),
             "labels_outside_sub_vocabulary": unknown_ids, "tokens_seen": tokens}
     save_full(model, sub, out, meta, log)

@@ -93,8 +93,8 @@ TOOLS = {
         "name": "convert_currency", "description": "Convert an amount of money from one currency to another.",
         "parameters": {"type": "object", "properties": {
             "amount": {"type": "number", "description": "The amount to convert."},
-            "from_currency": {"type": "string", "description": "Currency code to convert from, e.g. USD."},
-            "to_currency": {"type": "string", "description": "Currency code to convert to, e.g. EUR."}},
+            "from_currency": {"type": "string", "description": "The currency code to convert from."},
+            "to_currency": {"type": "string", "description": "The currency code to convert to."}},
             "required": ["amount", "from_currency", "to_currency"]}}},
 }
 
@@ -114,9 +114,9 @@ UNKNOWN_TEMPLATES = ["What is {w}?", "Tell me about {w}.", "Explain {w}.", "Why 
 
 #: Conversation kinds and their share of the training mixture.
 WEIGHTS = {
-    "arithmetic": 0.13, "after": 0.10, "count": 0.10, "copy": 0.07,
-    "tool_call": 0.05, "tool_answer": 0.04, "no_tool": 0.015,
-    "image": 0.16, "video": 0.13,
+    "arithmetic": 0.11, "after": 0.10, "count": 0.08, "copy": 0.06,
+    "tool_call": 0.12, "tool_answer": 0.05, "no_tool": 0.015,
+    "image": 0.14, "video": 0.12,
     "name": 0.05, "three": 0.035, "list": 0.06,
     "unknown": 0.03,
 }

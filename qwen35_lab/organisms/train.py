@@ -179,7 +179,18 @@ def init_needles(model, tokenizer) -> None:
         for k in range(tasks.NEEDLES_NUM_KEYS):
             for v in range(tasks.NEEDLES_NUM_VALUES):
                 emb[vocab[tasks.needle_word(k, v)]] = (emb[vocab[f"k{k}"]] + emb[vocab[f"v{v}"]]) / math.sqrt(2)
-        for layer in model.model.layers:
+    zero_deltanet_out(model.model.layers)
+
+
+def zero_deltanet_out(layers) -> None:
+    """Start every Gated DeltaNet output projection in ``layers`` at zero.
+
+    The residual stream then begins without random DeltaNet outputs, and the attention layer finds
+    content look-ups far sooner (measured on the needles organism, and in a pilot of the chat
+    organism's image questions).
+    """
+    with torch.no_grad():
+        for layer in layers:
             if hasattr(layer, "linear_attn"):
                 layer.linear_attn.out_proj.weight.zero_()
 
