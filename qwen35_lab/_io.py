@@ -43,6 +43,7 @@ def atomic_file(target: str | Path, mode: str = "wb"):
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     try:
+        os.chmod(tmp, _plain_file_mode())  # mkstemp's 0600 would make the saved file private
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()
@@ -52,6 +53,13 @@ def atomic_file(target: str | Path, mode: str = "wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _plain_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: 0666 less the process umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def fmt_bytes(n: float) -> str:

@@ -199,3 +199,14 @@ def test_every_atomic_save_names_a_path_it_cannot_write(tmp_path, writer):
         with (atomic_file(wrong) if writer == "file" else atomic_directory(wrong)):
             pass
     assert (tmp_path / "plain").read_text() == "x"
+
+
+
+def test_an_atomic_save_has_the_mode_a_plain_write_gives(tmp_path):
+    """The temporary file behind an atomic save starts private (0600); the saved file must not stay so."""
+    from qwen35_lab._io import atomic_file
+
+    (tmp_path / "plain").write_bytes(b"x")
+    with atomic_file(tmp_path / "saved") as f:
+        f.write(b"x")
+    assert oct((tmp_path / "saved").stat().st_mode & 0o777) == oct((tmp_path / "plain").stat().st_mode & 0o777)
