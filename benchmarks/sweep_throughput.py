@@ -152,43 +152,27 @@ def bench_writer(args) -> dict:
 
 
 def bench_transformers_serve(args) -> dict:
-    """`transformers serve` of the tiny organism, started by the fixture of tests/test_backends.py."""
+    """`transformers serve` of the tiny organism, started as tests/test_backends.py starts it (tests/serving.py)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    import test_backends
-
-    start_server = test_backends.served._get_wrapped_function()  # the fixture's own function
-
-    class _TmpFactory:  # what the fixture asks pytest's tmp_path_factory for
-        def __init__(self, root):
-            self.root = Path(root)
-
-        def mktemp(self, name):
-            path = self.root / name
-            path.mkdir()
-            return path
+    from serving import transformers_serve
 
     out = {"model": "tiny organism (data/organisms/tiny), float32, CPU", "max_new_tokens": args.serve_tokens,
            "runs": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start_server(_TmpFactory(tmp))
-        url = next(server)
-        try:
-            backend = OpenAIBackend(url, server="transformers")
-            prompts = [f"Question {i}: name three colours." for i in range(args.serve_rows)]
-            grid = {"temperature": [0.0], "enable_thinking": [False]}
-            sampling.sweep(backend, prompts[:2], grid=grid, max_new_tokens=4, progress=False)  # warm
-            for concurrency in (1, 4):
-                start = time.perf_counter()
-                with warnings.catch_warnings():
-                    warnings.simplefilter("error")
-                    rows = sampling.sweep(backend, prompts, grid=grid, max_new_tokens=args.serve_tokens,
-                                          concurrency=concurrency, progress=False)
-                seconds = time.perf_counter() - start
-                out["runs"].append({"concurrency": concurrency, "rows": len(rows), "seconds": seconds,
-                                    "rows_per_s": len(rows) / seconds,
-                                    "generated_tokens": int(sum(r["generated_tokens"] for r in rows))})
-        finally:
-            server.close()  # the fixture's finally: SIGTERM to the server's process group
+    with tempfile.TemporaryDirectory() as tmp, transformers_serve(Path(tmp)) as url:
+        backend = OpenAIBackend(url, server="transformers")
+        prompts = [f"Question {i}: name three colours." for i in range(args.serve_rows)]
+        grid = {"temperature": [0.0], "enable_thinking": [False]}
+        sampling.sweep(backend, prompts[:2], grid=grid, max_new_tokens=4, progress=False)  # warm
+        for concurrency in (1, 4):
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                rows = sampling.sweep(backend, prompts, grid=grid, max_new_tokens=args.serve_tokens,
+                                      concurrency=concurrency, progress=False)
+            seconds = time.perf_counter() - start
+            out["runs"].append({"concurrency": concurrency, "rows": len(rows), "seconds": seconds,
+                                "rows_per_s": len(rows) / seconds,
+                                "generated_tokens": int(sum(r["generated_tokens"] for r in rows))})
     return out
 
 

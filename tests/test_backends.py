@@ -5,24 +5,17 @@ checked against local greedy generation."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
-import httpx
 import pytest
 
 from qwen35_lab import sampling as S
 from qwen35_lab.backends import (SERVERS, BackendError, OpenAIBackend, ServerUnreachableError,
                                  UnsupportedFieldError)
+
+from serving import free_port, transformers_serve
 
 PROMPT = "Name three colours."
 MESSAGES = [{"role": "user", "content": PROMPT}]
@@ -53,12 +46,6 @@ SGLANG_FIELDS = {
     "skip_special_tokens", "lora_path", "session_params", "separate_reasoning", "stream_reasoning",
     "chat_template_kwargs", "rid", "bootstrap_host", "bootstrap_port", "bootstrap_room",
 }
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ============================================================================ request bodies (no server)
@@ -126,7 +113,7 @@ def test_transformers_profile_follows_transformers_serve():
     (dict(top_kk=3), TypeError, r"unknown argument"),
 ])
 def test_bad_requests_are_refused_before_sending(kwargs, error, pattern):
-    backend = OpenAIBackend(f"http://127.0.0.1:{_free_port()}/v1")  # nothing listens: a send would fail otherwise
+    backend = OpenAIBackend(f"http://127.0.0.1:{free_port()}/v1")  # nothing listens: a send would fail otherwise
     with pytest.raises(error, match=pattern):
         backend.chat(MESSAGES, **kwargs)
 
@@ -141,7 +128,7 @@ def test_bad_backend_settings():
 
 
 def test_unreachable_server_names_the_url():
-    url = f"http://127.0.0.1:{_free_port()}/v1"
+    url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ServerUnreachableError, match=re.escape(url + "/chat/completions")):
         OpenAIBackend(url).chat(MESSAGES, max_tokens=2)
     with pytest.raises(ServerUnreachableError, match=re.escape(url)):
@@ -149,7 +136,7 @@ def test_unreachable_server_names_the_url():
 
 
 def test_transformers_profile_refuses_before_sending():
-    backend = OpenAIBackend(f"http://127.0.0.1:{_free_port()}/v1", server="transformers")
+    backend = OpenAIBackend(f"http://127.0.0.1:{free_port()}/v1", server="transformers")
     for field in ("top_k", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
         with pytest.raises(UnsupportedFieldError, match=rf"cannot take {field}") as e:
             backend.chat(MESSAGES, **{field: 1.0 if field != "top_k" else 20})
@@ -225,53 +212,8 @@ def test_reasoning_is_read_from_each_servers_field(server, key):
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`transformers serve` on 127.0.0.1 with the tiny organism in float32 (as the local fixture)."""
-    from qwen35_lab.chat_format import TEMPLATES
-    from qwen35_lab.tokenizer import get_tokenizer
-
-    root = Path(__file__).resolve().parents[1]
-    organism = root / "data" / "organisms" / "tiny"
-    model_dir = tmp_path_factory.mktemp("tiny-served")
-    for name in ("config.json", "generation_config.json", "preprocessor_config.json",
-                 "video_preprocessor_config.json"):
-        shutil.copy(organism / name, model_dir / name)
-    (model_dir / "model.safetensors").symlink_to(organism / "model.safetensors")
-    tokenizer = get_tokenizer()
-    tokenizer.chat_template = TEMPLATES["qwen3.5-small"]
-    tokenizer.save_pretrained(model_dir)
-    tokenizer.chat_template = None
-
-    port = _free_port()
-    log = open(model_dir / "serve.log", "w")
-    cli = Path(sys.executable).with_name("transformers")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.Popen([str(cli), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                             "--device", "cpu", "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited ({proc.returncode}):\n"
-                                   + (model_dir / "serve.log").read_text()[-3000:])
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("transformers serve did not come up in 240 s:\n"
-                                   + (model_dir / "serve.log").read_text()[-3000:])
-            time.sleep(0.5)
-        yield f"{url}/v1"
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    with transformers_serve(tmp_path_factory.mktemp("tiny-served")) as url:
+        yield url
 
 
 def _local_greedy(tiny, enable_thinking: bool, n: int) -> str:
