@@ -1,5 +1,6 @@
-"""A real `transformers serve` process running the tiny organism, for the backend tests and
-`benchmarks/sweep_throughput.py` (a plain context manager, so the benchmark needs nothing from pytest)."""
+"""Servers the tests start as processes: `transformers serve` running the tiny organism (the backend
+tests and `benchmarks/sweep_throughput.py`) and JupyterLab (the browser test). Plain context managers,
+so a benchmark needs nothing from pytest."""
 
 from __future__ import annotations
 
@@ -46,29 +47,41 @@ def transformers_serve(model_dir: Path, *, startup_s: float = 240.0):
     tokenizer.chat_template = None
 
     port = free_port()
-    log = open(model_dir / "serve.log", "w")
     cli = Path(sys.executable).with_name("transformers")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    proc = subprocess.Popen([str(cli), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port),
-                             "--device", "cpu", "--dtype", "float32"], stdout=log, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+    cmd = [str(cli), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+           "--dtype", "float32"]
     url = f"http://127.0.0.1:{port}"
+    with server_process(cmd, health=f"{url}/health", log_path=model_dir / "serve.log", what="transformers serve",
+                        startup_s=startup_s, env=env):
+        yield f"{url}/v1"
+
+
+@contextlib.contextmanager
+def server_process(cmd: list[str], *, health: str, log_path: Path, what: str, startup_s: float,
+                   env: dict | None = None, cwd: Path | None = None):
+    """Run ``cmd`` in its own process group until ``GET health`` answers 200, then yield.
+
+    A server that exits or does not answer in ``startup_s`` is an error carrying the tail of its log;
+    on exit the whole group (the server and anything it started) gets SIGTERM, then SIGKILL after 20 s.
+    """
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + startup_s
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited ({proc.returncode}):\n"
-                                   + (model_dir / "serve.log").read_text()[-3000:])
+                raise RuntimeError(f"{what} exited ({proc.returncode}):\n" + Path(log_path).read_text()[-3000:])
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                if httpx.get(health, timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve did not come up in {startup_s:.0f} s:\n"
-                                   + (model_dir / "serve.log").read_text()[-3000:])
+                raise RuntimeError(f"{what} did not come up in {startup_s:.0f} s:\n"
+                                   + Path(log_path).read_text()[-3000:])
             time.sleep(0.5)
-        yield f"{url}/v1"
+        yield
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

@@ -13,16 +13,14 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 from playwright.sync_api import sync_playwright
+
+from serving import free_port, server_process
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = ROOT / "notebooks" / "05_sampling_sweeps.ipynb"
@@ -32,12 +30,6 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 SERVER_START_S = 90
 RUN_ALL_S = 150
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _settings(directory: Path) -> None:
@@ -58,7 +50,7 @@ def jupyter(tmp_path_factory):
     work = tmp_path_factory.mktemp("jupyterlab")
     shutil.copy(NOTEBOOK, work / NOTEBOOK.name)
     _settings(work / "lab-settings")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}  # the kernel draws inline
     env.update(JUPYTER_CONFIG_DIR=str(work / "config"), JUPYTERLAB_SETTINGS_DIR=str(work / "lab-settings"),
                JUPYTERLAB_WORKSPACES_DIR=str(work / "workspaces"), IPYTHONDIR=str(work / "ipython"),
@@ -68,33 +60,9 @@ def jupyter(tmp_path_factory):
            "--ServerApp.password=", f"--ServerApp.root_dir={work}"]
     if os.geteuid() == 0:
         cmd.append("--allow-root")
-    log = open(work / "jupyterlab.log", "w")
-    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + SERVER_START_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"JupyterLab exited ({proc.returncode}):\n"
-                                   f"{(work / 'jupyterlab.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/api/status", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"JupyterLab did not answer in {SERVER_START_S} s:\n"
-                                   f"{(work / 'jupyterlab.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the kernels it started
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    with server_process(cmd, health=f"http://127.0.0.1:{port}/api/status", log_path=work / "jupyterlab.log",
+                        what="JupyterLab", startup_s=SERVER_START_S, env=env, cwd=work):
+        yield f"http://127.0.0.1:{port}"
 
 
 def _code_prompts(page) -> list[str]:
