@@ -65,28 +65,27 @@ def server_process(cmd: list[str], *, health: str, log_path: Path, what: str, st
     A server that exits or does not answer in ``startup_s`` is an error carrying the tail of its log;
     on exit the whole group (the server and anything it started) gets SIGTERM, then SIGKILL after 20 s.
     """
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what} exited ({proc.returncode}):\n" + Path(log_path).read_text()[-3000:])
-            try:
-                if httpx.get(health, timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not come up in {startup_s:.0f} s:\n"
-                                   + Path(log_path).read_text()[-3000:])
-            time.sleep(0.5)
-        yield
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+            deadline = time.monotonic() + startup_s
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{what} exited ({proc.returncode}):\n" + Path(log_path).read_text()[-3000:])
+                try:
+                    if httpx.get(health, timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{what} did not come up in {startup_s:.0f} s:\n"
+                                       + Path(log_path).read_text()[-3000:])
+                time.sleep(0.5)
+            yield
+        finally:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import sync_playwright
-
 from serving import free_port, server_process
 
 ROOT = Path(__file__).resolve().parents[2]
