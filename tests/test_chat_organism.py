@@ -263,6 +263,20 @@ def test_generators_reject_bad_input():
         chat.train(seed="0")
 
 
+def test_the_recipe_decides_which_vision_weights_train():
+    from dataclasses import replace
+
+    model = ql.load("chat", dtype="float32", device="cpu").model
+    visual = {name for name, _ in model.model.visual.named_parameters()}
+    merger = {name for name in visual if name.startswith("merger.")}
+    assert merger and merger != visual
+    for recipe, trained in ((chat.RECIPE, set()), (replace(chat.RECIPE, train_merger=True), merger),
+                            (replace(chat.RECIPE, train_vision=True), visual)):
+        chat.set_vision_trainable(model, recipe)
+        assert {n for n, p in model.model.visual.named_parameters() if p.requires_grad} == trained, recipe
+        assert all(p.requires_grad for p in model.model.language_model.parameters())
+
+
 # ----------------------------------------------------------------------------- the sampling panel
 
 def test_sampling_panel_shows_the_colour_words_as_text(lab):

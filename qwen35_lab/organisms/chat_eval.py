@@ -410,7 +410,9 @@ def card(meta: dict, log: list[dict], *, size_bytes: int) -> str:
               f"{r['warmup_steps']} warm-up steps, cosine to {r['min_lr_ratio']}× over {r['max_steps']} steps), "
               f"batches of up to {r['token_budget']} padded tokens (conversations sorted by length), grad clip 1, fp32."
               + ("" if r.get("train_vision", True) else
-                 " The vision tower keeps its random initialisation (frozen): in an earlier run that trained it, "
+                 " The vision tower keeps its random initialisation (frozen"
+                 + (" except the merger, which learns" if r.get("train_merger") else "")
+                 + "): in an earlier run that trained all of it, "
                  "its output for a drawing and for flat grey became the same, and the image answers fell to chance.")
               + ("" if not r.get("zero_deltanet_out") else
                  " Every Gated DeltaNet output projection starts at zero, so the attention layer's look-ups "
